@@ -1,0 +1,190 @@
+"""Argument validation for the public functions.
+
+Every check runs at trace time on static information (shapes, dtypes, Python numbers) and
+raises with a message that names the argument, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._dtypes import stats_dtype as stats_dtype
+from ._dtypes import wider_float as wider_float
+from ._state import BatchStats
+
+AxisName = Hashable | tuple[Hashable, ...]
+
+
+class Layout(NamedTuple):
+    """Which axes of ``x`` are features and which are reduced."""
+
+    feature_axes: tuple[int, ...]
+    reduction_axes: tuple[int, ...]
+    feature_shape: tuple[int, ...]
+    broadcast_shape: tuple[int, ...]  # feature vectors reshaped to broadcast against x
+
+
+def check_training(training: Any) -> bool:
+    if not isinstance(training, (bool, np.bool_)):
+        raise TypeError(
+            f"`training` must be a Python bool (True: batch statistics and a state update; "
+            f"False: running statistics), got {type(training).__name__} {training!r}. It "
+            f"selects the code path at trace time, so it cannot be a traced value: mark it "
+            f"static (jax.jit(..., static_argnames='training'))."
+        )
+    return bool(training)
+
+
+def check_input(x: jax.Array) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"`x` must have a floating dtype (float16, bfloat16, float32 or float64), got "
+            f"{x.dtype}. Cast it first, e.g. x.astype(jnp.float32)."
+        )
+
+
+def layout(ndim: int, axis: Any) -> Layout:
+    raw = tuple(axis) if isinstance(axis, Sequence) else (axis,)
+    integral = all(isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in raw)
+    if not raw or not integral:
+        raise TypeError(f"`axis` must be an int or a non-empty tuple of ints, got {axis!r}.")
+    bad = [a for a in raw if not -ndim <= a < ndim]
+    if bad:
+        raise ValueError(
+            f"`axis` must lie in [-{ndim}, {ndim}) for an input of rank {ndim}, got {axis!r}."
+        )
+    feature_axes = tuple(sorted({int(a) % ndim for a in raw}))
+    if len(feature_axes) != len(raw):
+        raise ValueError(f"`axis` must not name an axis twice, got {axis!r} for rank {ndim}.")
+    reduction_axes = tuple(a for a in range(ndim) if a not in feature_axes)
+    return Layout(feature_axes, reduction_axes, (), ())
+
+
+def with_shape(lay: Layout, shape: tuple[int, ...]) -> Layout:
+    feature_shape = tuple(shape[a] for a in lay.feature_axes)
+    broadcast_shape = tuple(shape[a] if a in lay.feature_axes else 1 for a in range(len(shape)))
+    return lay._replace(feature_shape=feature_shape, broadcast_shape=broadcast_shape)
+
+
+def check_params(params: Mapping[str, Any] | None, feature_shape: tuple[int, ...]) -> None:
+    if params is None:
+        return
+    if not isinstance(params, Mapping):
+        raise TypeError(
+            f'`params` must be a mapping {{"scale": ..., "bias": ...}} or None, got '
+            f"{type(params).__name__}."
+        )
+    unknown = set(params) - {"scale", "bias"}
+    if unknown:
+        raise ValueError(
+            f'`params` may only hold the keys "scale" and "bias", got extra keys {sorted(unknown)}.'
+        )
+    for key, value in params.items():
+        if value is None:
+            continue
+        shape = tuple(np.shape(value))
+        if shape != feature_shape:
+            raise ValueError(
+                f'`params["{key}"]` must have the feature shape {feature_shape} of `x` along '
+                f"`axis`, got shape {shape}. Create it with jaxbn.init({feature_shape})."
+            )
+
+
+def check_state(state: Any, feature_shape: tuple[int, ...]) -> None:
+    if not isinstance(state, BatchStats):
+        raise TypeError(
+            f"`state` must be a jaxbn.BatchStats (from jaxbn.init), got {type(state).__name__}."
+        )
+    for name in ("mean", "var"):
+        shape = tuple(np.shape(getattr(state, name)))
+        if shape != feature_shape:
+            raise ValueError(
+                f"`state.{name}` must have the feature shape {feature_shape} of `x` along "
+                f"`axis`, got shape {shape}. Create the state with jaxbn.init({feature_shape})."
+            )
+    for name in ("mean", "var"):
+        dtype = jnp.result_type(getattr(state, name))
+        if not jnp.issubdtype(dtype, jnp.floating) or jnp.finfo(dtype).bits < 32:
+            raise TypeError(
+                f"`state.{name}` must be float32 or wider, got {dtype}. Keep the state that "
+                f"jaxbn.init creates; it never narrows."
+            )
+
+
+def _concrete(value: Any) -> float | None:
+    """The Python value of a number, or None if it is traced."""
+    try:
+        return float(value)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def check_momentum(momentum: Any) -> None:
+    if momentum is None:
+        return
+    value = _concrete(momentum)
+    if value is not None and not 0.0 <= value < 1.0:
+        raise ValueError(
+            f"`momentum` must lie in [0, 1) (the EMA keeps momentum*old + (1-momentum)*batch; "
+            f"torch's momentum m is our 1-m) or be None for a cumulative average, got {momentum!r}."
+        )
+
+
+def check_epsilon(epsilon: Any) -> None:
+    value = _concrete(epsilon)
+    if value is not None and not value > 0.0:
+        raise ValueError(f"`epsilon` must be > 0, got {epsilon!r}.")
+
+
+def check_mask(mask: Any, x_shape: tuple[int, ...]) -> None:
+    if mask is None:
+        return
+    dtype = jnp.result_type(mask)
+    if dtype != jnp.bool_:
+        raise TypeError(
+            f"`mask` must be a bool array (True marks the entries that count toward the "
+            f"statistics), got dtype {dtype}. Use mask.astype(bool)."
+        )
+    shape = tuple(np.shape(mask))
+    try:
+        broadcast = np.broadcast_shapes(shape, x_shape)
+    except ValueError:
+        broadcast = None
+    if broadcast != x_shape:
+        raise ValueError(
+            f"`mask` must broadcast to the shape of `x` {x_shape}, got shape {shape}."
+        )
+
+
+def check_axis_name(axis_name: AxisName | None, axis_index_groups: Any) -> None:
+    if axis_index_groups is not None:
+        if axis_name is None:
+            raise ValueError(
+                "`axis_index_groups` needs `axis_name`: it splits the devices of that named "
+                f"axis into groups, got axis_index_groups={axis_index_groups!r} and axis_name=None."
+            )
+        groups = [list(g) for g in axis_index_groups]
+        if not groups or len({len(g) for g in groups}) != 1 or not groups[0]:
+            raise ValueError(
+                "`axis_index_groups` must be a non-empty list of equal-size, non-empty groups "
+                f"of device indices, got {axis_index_groups!r}."
+            )
+    if axis_name is None:
+        return
+    try:
+        jax.lax.axis_size(axis_name)
+    except NameError as err:
+        raise NameError(
+            f"`axis_name` {axis_name!r} is not bound here: call batch_norm inside a "
+            f"transformation that binds it, such as jax.shard_map(..., mesh=Mesh(..., "
+            f"axis_names=({axis_name!r},))), jax.pmap(..., axis_name={axis_name!r}) or "
+            f"jax.vmap(..., axis_name={axis_name!r}). Under sharded jax.jit no `axis_name` "
+            f"is needed: pass None and XLA inserts the reductions. ({err})"
+        ) from None
+

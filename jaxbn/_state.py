@@ -1,0 +1,100 @@
+"""The running statistics of a batch-norm layer and the function that creates them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import DTypeLike
+
+from ._dtypes import stats_dtype
+
+__all__ = ["BatchStats", "Params", "init"]
+
+Params = dict[str, jax.Array]
+"""Learned affine parameters: ``{"scale": γ, "bias": β}``, each of the feature shape.
+
+Either key may be absent or ``None`` (no scale, no bias); ``params=None`` means neither.
+"""
+
+
+class BatchStats(NamedTuple):
+    """Running statistics of one batch-norm layer: a pytree the caller threads through.
+
+    The dtype of ``mean`` and ``var`` is fixed when the state is created (float32, or wider
+    if the layer is created wider) and never changes: every update returns arrays of the
+    same shapes and dtypes, so the state can be a ``jax.lax.scan`` carry or a ``jit``
+    argument without retracing.
+    """
+
+    mean: jax.Array
+    """float32 (or wider) ``[*feature_shape]``: running mean of the batch means."""
+    var: jax.Array
+    """float32 (or wider) ``[*feature_shape]``: running mean of the biased batch variances."""
+    # The contract names this field `count`; it intentionally shadows tuple.count.
+    count: jax.Array  # type: ignore[assignment]
+    """int32 ``[]``: number of batches merged into ``mean``/``var`` so far.
+
+    Batches whose statistics were not finite are not counted (they are not merged). With
+    ``momentum=None`` the running statistics are the plain average of the ``count`` batches.
+    """
+
+
+def _feature_shape(feature_shape: int | Sequence[int]) -> tuple[int, ...]:
+    if isinstance(feature_shape, (int, np.integer)):
+        shape: tuple[int, ...] = (int(feature_shape),)
+    elif isinstance(feature_shape, Sequence) and all(
+        isinstance(d, (int, np.integer)) for d in feature_shape
+    ):
+        shape = tuple(int(d) for d in feature_shape)
+    else:
+        raise TypeError(
+            f"`feature_shape` must be an int or a tuple of ints (the sizes of the feature axes), "
+            f"got {feature_shape!r}."
+        )
+    if any(d <= 0 for d in shape):
+        raise ValueError(f"`feature_shape` must contain positive sizes, got {shape}.")
+    return shape
+
+
+def init(
+    feature_shape: int | Sequence[int], dtype: DTypeLike = jnp.float32
+) -> tuple[Params, BatchStats]:
+    """Creates the parameters and the running statistics of a batch-norm layer.
+
+    Args:
+      feature_shape: the size of the feature axis (``C`` for NHWC or NCHW input), or a
+        tuple of sizes when several axes are features (``axis=(1, 2)`` in ``batch_norm``).
+      dtype: floating dtype of the parameters. The statistics use this dtype promoted to at
+        least float32 (bfloat16 parameters get float32 statistics).
+
+    Returns:
+      ``(params, state)``: ``params = {"scale": ones, "bias": zeros}`` and
+      ``state = BatchStats(mean=zeros, var=ones, count=0)``.
+
+    Raises:
+      TypeError: ``feature_shape`` is not an int or tuple of ints, or ``dtype`` is not floating.
+      ValueError: a size in ``feature_shape`` is not positive.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxbn
+      >>> params, state = jaxbn.init(3)
+      >>> state.mean.shape, state.var.dtype, int(state.count)
+      ((3,), dtype('float32'), 0)
+    """
+    shape = _feature_shape(feature_shape)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"`dtype` must be a floating dtype such as jnp.float32, got {np.dtype(dtype)}."
+        )
+    stats_dtype_ = stats_dtype(dtype)
+    params: Params = {"scale": jnp.ones(shape, dtype), "bias": jnp.zeros(shape, dtype)}
+    state = BatchStats(
+        mean=jnp.zeros(shape, stats_dtype_),
+        var=jnp.ones(shape, stats_dtype_),
+        count=jnp.zeros((), jnp.int32),
+    )
+    return params, state

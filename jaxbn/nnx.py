@@ -1,0 +1,180 @@
+"""``jaxbn.nnx.BatchNorm``: a drop-in replacement for ``flax.nnx.BatchNorm``.
+
+Same constructor, same ``nnx.Param`` (``scale``, ``bias``) and ``nnx.BatchStat``
+(``mean``, ``var``) variables, same ``.train()``/``.eval()``/``nnx.view`` behaviour; the math
+is ``jaxbn.batch_norm``'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import dtypes, initializers
+from flax.typing import Dtype, Initializer, PromoteDtypeFn
+
+from ._batch_norm import batch_norm
+from ._checks import stats_dtype as stats_dtype_of
+from ._state import BatchStats
+
+__all__ = ["BatchNorm"]
+
+_ZEROS = initializers.zeros_init()
+_ONES = initializers.ones_init()
+
+
+class BatchNorm(nnx.Module):
+    """BatchNorm with the interface of ``flax.nnx.BatchNorm``.
+
+    Usage::
+
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jaxbn.nnx import BatchNorm  # was: nnx.BatchNorm
+      >>> bn = BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0))
+      >>> y = bn(jax.random.normal(jax.random.key(0), (8, 3)))  # training: updates bn.mean/var
+      >>> bn.eval()  # now uses the running statistics
+      >>> bn.use_running_average
+      True
+
+    Args:
+      num_features: the number of input features.
+      use_running_average: if True, normalize with the stored running statistics.
+      axis: the feature axis of the input.
+      momentum: EMA decay of the running statistics (``momentum*old + (1-momentum)*batch``).
+      epsilon: a small float added to the variance to avoid dividing by zero.
+      dtype: the dtype of the result (default: inferred from input and params).
+      param_dtype: the dtype of the parameters.
+      use_bias: if True, add a learned bias (β).
+      use_scale: if True, multiply by a learned scale (γ).
+      bias_init: initializer for the bias.
+      scale_init: initializer for the scale.
+      axis_name: the named axis over which statistics are synchronized.
+      axis_index_groups: groups of device indices within that axis that sync separately.
+      use_fast_variance: accepted for compatibility and not needed (the variance is always
+        the accurate one, at no extra cost).
+      promote_dtype: promotes ``(x, mean, var, scale, bias)`` to a common dtype, as in flax.
+      rngs: the random number generators for the parameter initializers.
+      bias_metadata: metadata for the bias ``nnx.Param``.
+      scale_metadata: metadata for the scale ``nnx.Param``.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool | None = False,
+        axis: int = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-5,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = _ZEROS,
+        scale_init: Initializer = _ONES,
+        axis_name: str | None = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = True,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+    ):
+        feature_shape = (num_features,)
+        self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
+        self.scale: nnx.Param[jax.Array] | None
+        if use_scale:
+            self.scale = nnx.Param(
+                scale_init(rngs.params(), feature_shape, param_dtype), **scale_metadata
+            )
+        else:
+            self.scale = nnx.data(None)
+        self.bias: nnx.Param[jax.Array] | None
+        if use_bias:
+            self.bias = nnx.Param(
+                bias_init(rngs.params(), feature_shape, param_dtype), **bias_metadata
+            )
+        else:
+            self.bias = nnx.data(None)
+        self.num_features = num_features
+        self.use_running_average = use_running_average
+        self.axis = axis
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
+
+    def __call__(
+        self,
+        x: jax.Array,
+        use_running_average: bool | None = None,
+        *,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Normalizes ``x``; in training mode also updates ``self.mean`` and ``self.var``.
+
+        Args:
+          x: the input.
+          use_running_average: overrides the attribute of the same name if given.
+          mask: bool, broadcastable to ``x``: the entries that count toward the statistics.
+
+        Returns:
+          The normalized input, of the same shape.
+        """
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        if use_running_average is None:
+            raise ValueError(
+                "`use_running_average` is None both at call time and on the module: pass "
+                "use_running_average=True/False to BatchNorm(...) or to the call, or call "
+                "model.train() / model.eval() first."
+            )
+        scale = self.scale[...] if self.scale is not None else None
+        bias = self.bias[...] if self.bias is not None else None
+        stored_mean, stored_var = self.mean[...], self.var[...]
+        x, mean, var, scale, bias = self.promote_dtype(
+            (x, stored_mean, stored_var, scale, bias), dtype=self.dtype
+        )
+        out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+        if not use_running_average:
+            # The EMA runs on the stored (float32) statistics, as in flax.
+            mean, var = stored_mean, stored_var
+        stats_dtype = stats_dtype_of(stored_mean.dtype)
+        state = BatchStats(
+            mean=mean.astype(stats_dtype),
+            var=var.astype(stats_dtype),
+            count=jnp.zeros((), jnp.int32),
+        )
+        y, new_state = batch_norm(
+            x,
+            {"scale": scale, "bias": bias},
+            state,
+            training=not use_running_average,
+            axis=self.axis,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            mask=mask,
+        )
+        if not use_running_average:
+            self.mean[...] = new_state.mean.astype(stored_mean.dtype)
+            self.var[...] = new_state.var.astype(stored_var.dtype)
+        return y.astype(out_dtype)
+
+    def set_view(self, use_running_average: bool | None = None) -> None:
+        """Used by ``nnx.view``: sets ``use_running_average`` if given."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average

@@ -1,0 +1,17 @@
+"""Test configuration: 8 host CPU devices and strict JAX semantics.
+
+XLA_FLAGS must be set before jax is imported anywhere, so this happens at the top of the
+first module pytest loads.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
