@@ -86,12 +86,37 @@ def combine(
     gradient all-reduce. Its transpose on the backward pass is one reduce-scatter.
     """
     stacked = jnp.stack(local)  # [3, *feature_shape]
-    gathered = lax.all_gather(stacked, axis_name, axis_index_groups=axis_index_groups)
+    gathered = _all_gather(stacked, axis_name, axis_index_groups)  # [devices, 3, *feature_shape]
     counts, means, m2s = gathered[:, 0], gathered[:, 1], gathered[:, 2]
     count = jnp.sum(counts, axis=0)
     mean = jnp.sum(counts * means, axis=0) / jnp.maximum(count, 1)
     m2 = jnp.sum(m2s, axis=0) + jnp.sum(counts * jnp.square(means - mean), axis=0)
     return Moments(count, mean, m2)
+
+
+def _all_gather(value: jax.Array, axis_name: AxisName, axis_index_groups: Any) -> jax.Array:
+    """Stacks ``value`` from every device of ``axis_name`` along a new leading axis.
+
+    Names bound by ``shard_map``/``pmap`` (manual mesh axes) are gathered with one
+    ``all_gather(to='invarying')``: every device gets the same result, and JAX's type system
+    knows it, so the new running statistics can leave ``shard_map`` with
+    ``out_specs=P()``. Names bound by ``vmap`` are gathered one at a time; under ``vmap`` a
+    collective is a local reshape, and gathering several vmap names at once trips a JAX
+    assertion. ``axis_index_groups`` gives a result that differs between groups, so it keeps
+    the plain (varying) ``all_gather`` over all names.
+    """
+    if axis_index_groups is not None:
+        return lax.all_gather(value, axis_name, axis_index_groups=axis_index_groups)
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    manual = frozenset(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()))
+    out = value[None]
+    for name in names:
+        if name not in manual:
+            out = lax.all_gather(out, name, axis=0, tiled=True)
+    device_names = tuple(name for name in names if name in manual)
+    if device_names:
+        out = lax.all_gather(out, device_names, axis=0, tiled=True, to="invarying")
+    return out
 
 
 def mean_and_var(moments: Moments) -> tuple[jax.Array, jax.Array]:
