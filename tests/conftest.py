@@ -15,3 +15,6 @@ import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+# A script run in subprocesses by test_multihost.py, not a test module.
+collect_ignore = ["multihost_worker.py"]
