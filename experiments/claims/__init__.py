@@ -1,0 +1,187 @@
+"""One module per claim; each declares its runs (configs) and how its verdict is decided.
+
+A claim module defines:
+
+- ``ID``, ``CLAIM`` (the claim in one line), ``SOURCES`` (the seed articles that make it),
+  ``HOW`` (how it is tested);
+- ``run(ctx) -> dict``: trains its configs through ``ctx.train`` and returns its entry of
+  ``results.json`` (built with :func:`entry`);
+- ``plot(entry, fig)``: draws its figure from that entry alone, so plots can be remade from
+  ``results.json`` without re-running (``python -m experiments plot DIR``).
+
+Its docstring gives the command, the runtime on 2 CPU cores and the expected result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .. import verdict as verdict_lib
+
+__all__ = ["CLAIM_IDS", "Context", "Settings", "entry", "load_claim"]
+
+CLAIM_IDS = (
+    "convergence",
+    "covariate-shift",
+    "learning-rate",
+    "initialization",
+    "regularization",
+    "depth",
+    "batch-size",
+    "placement",
+    "sync",
+    "cnn",
+    "overhead",
+)
+
+
+def load_claim(claim_id: str):
+    """The module of ``claim_id`` (e.g. ``"batch-size"`` → ``experiments.claims.batch_size``)."""
+    if claim_id not in CLAIM_IDS:
+        raise ValueError(f"Expected a claim in {CLAIM_IDS}, got {claim_id!r}.")
+    return importlib.import_module(f"{__name__}.{claim_id.replace('-', '_')}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the command line chose, shared by every claim."""
+
+    quick: bool = True
+    seeds: int | None = None  # None: 3 in quick mode, 5 in full mode
+    dataset: str | None = None  # None: each claim's default
+    tensorboard: bool = False
+    budget: float = 1.0  # multiplies every step count (tests use a tiny budget)
+    devices: int = 1  # > 1: single-device runs whose batch divides by it go data-parallel
+
+    @property
+    def seed_list(self) -> tuple[int, ...]:
+        return tuple(range(self.seeds if self.seeds is not None else (3 if self.quick else 5)))
+
+    def pick(self, quick: Any, full: Any) -> Any:
+        return quick if self.quick else full
+
+    def steps(self, quick: int, full: int, eval_every: int) -> tuple[int, int]:
+        """Steps (a multiple of the evaluation interval) and the interval, after ``budget``."""
+        steps = self.pick(quick, full)
+        interval = max(1, int(eval_every * self.budget)) if self.budget < 1 else eval_every
+        steps = max(interval, round(steps * self.budget / interval) * interval)
+        return steps, interval
+
+    def default_dataset(self) -> str:
+        return self.dataset or self.pick("mnist1d:4000", "mnist1d:10000")
+
+
+@dataclass
+class Context:
+    """Runs configs for a claim: workdirs under ``out/<claim>/<arm>``, shared datasets/results."""
+
+    settings: Settings
+    out: str
+    claim: str = ""
+    show_progress: bool = True
+    _datasets: dict[tuple[str, int | None], Any] = field(default_factory=dict)
+    _results: dict[Any, tuple[Any, str]] = field(default_factory=dict)
+
+    def dataset(self, name: str, train_size: int | None = None):
+        from .. import data
+
+        key = (name, train_size)
+        if key not in self._datasets:
+            self._datasets[key] = data.load(name, train_size=train_size)
+        return self._datasets[key]
+
+    def train(self, config, *, arm: str):
+        """Trains ``config`` (once per process: an identical config is reused) in its workdir."""
+        from ..train import train_and_evaluate
+
+        config = dataclasses.replace(
+            config, name=f"{self.claim}/{arm}", tensorboard=self.settings.tensorboard
+        )
+        devices = self.settings.devices
+        if devices > 1 and config.devices == 1 and config.batch_size % devices == 0:
+            config = dataclasses.replace(config, devices=devices, sync_bn=True)
+        key = dataclasses.replace(config, name="")
+        if key in self._results:
+            return self._results[key][0]
+        workdir = os.path.join(self.out, self.claim, arm)
+        dataset = self.dataset(config.dataset, config.train_size)
+        bar = None
+        if self.show_progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=config.steps, desc=f"{self.claim}/{arm}", leave=False, unit="step")
+        try:
+            result = train_and_evaluate(
+                config, workdir, dataset=dataset, progress=bar.update if bar else None
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        self._results[key] = (result, workdir)
+        return result
+
+
+def finite_or(values: np.ndarray, fallback: float) -> np.ndarray:
+    """``values`` with NaN (a stopped run) replaced by ``fallback``."""
+    values = np.asarray(values, dtype=np.float64)
+    return np.where(np.isfinite(values), values, fallback)
+
+
+def entry(
+    *,
+    module: Any,
+    metric: str,
+    higher_is_better: bool,
+    treatment: tuple[str, Any],
+    reference: tuple[str, Any],
+    details: dict[str, Any],
+    notes: str = "",
+    claim_direction: str = "",
+) -> dict[str, Any]:
+    """A claim's entry of results.json, its verdict decided by :func:`verdict.compare`."""
+    (t_label, t_values), (r_label, r_values) = treatment, reference
+    verdict, reason = verdict_lib.compare(t_values, r_values, higher_is_better=higher_is_better)
+    return {
+        "id": module.ID,
+        "claim": module.CLAIM,
+        "sources": module.SOURCES,
+        "how": module.HOW,
+        "metric": metric,
+        "higher_is_better": higher_is_better,
+        "claim_direction": claim_direction
+        or f"{t_label} {'higher' if higher_is_better else 'lower'} than {r_label}",
+        "with_bn": verdict_lib.summary(t_label, t_values),
+        "without_bn": verdict_lib.summary(r_label, r_values),
+        "verdict": verdict,
+        "rule": verdict_lib.RULE,
+        "reason": reason,
+        "notes": notes,
+        "details": _jsonable(details),
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def timed(function, *args, **kwargs) -> tuple[Any, float]:
+    tic = time.perf_counter()
+    out = function(*args, **kwargs)
+    return out, time.perf_counter() - tic

@@ -1,0 +1,91 @@
+"""learning-rate: BN allows higher learning rates (seeds 000, 002).
+
+Command: ``python -m experiments run learning-rate --quick`` (about 1 minute on 2 CPU cores).
+
+Setup: MLP 3×100 ReLU, plain SGD, batch 60, learning rate swept over 3 decades (quick:
+0.01–10; full: 8 values 0.003–10), with and without BN before each ReLU; every learning rate
+and seed trained at once. A run whose loss or parameters become non-finite is stopped and
+counts as chance accuracy. Metric, per seed: log10 of the largest learning rate whose final
+test accuracy reaches 90% of the best mean accuracy seen anywhere in the sweep; if none
+does, one decade below the grid.
+
+Expected if the claim holds: a larger usable learning rate with BN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import numpy as np
+
+from . import entry, finite_or
+from ._common import generic
+
+ID = "learning-rate"
+CLAIM = "BN allows higher learning rates"
+SOURCES = ["000", "002"]
+HOW = (
+    "MLP 3x100 ReLU, SGD, lr swept over >= 3 decades with/without BN; largest lr reaching "
+    "90% of the best accuracy in the sweep (diverged = chance)"
+)
+
+
+def configs(settings):
+    lrs = settings.pick((0.01, 0.1, 1.0, 10.0), (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0))
+    base = dataclasses.replace(generic(settings), optimizer="sgd", learning_rates=lrs)
+    return {"none": base, "bn": dataclasses.replace(base, norm="bn")}
+
+
+def run(ctx):
+    cfgs = configs(ctx.settings)
+    results = {arm: ctx.train(c, arm=arm) for arm, c in cfgs.items()}
+    lrs = np.array(cfgs["bn"].learning_rates)
+    seeds = len(cfgs["bn"].seeds)
+    chance = 1.0 / ctx.dataset(cfgs["bn"].dataset).num_classes
+    final = {  # (lrs, seeds)
+        arm: finite_or(r.final("test_accuracy"), chance).reshape(len(lrs), seeds)
+        for arm, r in results.items()
+    }
+    diverged = {
+        arm: np.array([d is not None for d in r.diverged_at]).reshape(len(lrs), seeds)
+        for arm, r in results.items()
+    }
+    target = 0.9 * max(float(f.mean(1).max()) for f in final.values())
+    usable = {}
+    for arm, f in final.items():
+        ok = f >= target  # (lrs, seeds)
+        largest = np.where(ok, np.log10(lrs)[:, None], -np.inf).max(0)
+        usable[arm] = np.where(np.isfinite(largest), largest, np.log10(lrs[0]) - 1)
+    return entry(
+        module=sys.modules[__name__],
+        metric="log10 of the largest learning rate reaching the target accuracy (higher is better)",
+        higher_is_better=True,
+        treatment=("BN", usable["bn"]),
+        reference=("no BN", usable["none"]),
+        details={
+            "learning_rates": lrs,
+            "final_test_accuracy": final,
+            "diverged": diverged,
+            "target": target,
+            "dataset": cfgs["bn"].dataset,
+        },
+    )
+
+
+def plot(result, fig):
+    d = result["details"]
+    ax = fig.add_subplot(1, 1, 1)
+    lrs = np.asarray(d["learning_rates"])
+    for arm, label in (("none", "no BN"), ("bn", "BN")):
+        f = np.asarray(d["final_test_accuracy"][arm], dtype=np.float64)
+        ax.errorbar(lrs, f.mean(1), yerr=[f.mean(1) - f.min(1), f.max(1) - f.mean(1)],
+                    marker="o", capsize=3, label=label)
+        div = np.asarray(d["diverged"][arm]).any(1)
+        ax.scatter(lrs[div], f.mean(1)[div], marker="x", color="red", zorder=3)
+    ax.axhline(d["target"], color="gray", linestyle=":", label="target")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (SGD)")
+    ax.set_ylabel("final test accuracy (x: a seed diverged)")
+    ax.legend(fontsize=8)
+    ax.set_title(f"learning-rate sweep ({d['dataset']})")

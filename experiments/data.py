@@ -1,0 +1,202 @@
+"""Datasets that need no download.
+
+Every loader returns a :class:`Dataset` of numpy arrays with a channel-last layout, features
+standardized with the training set's statistics:
+
+- ``digits``: scikit-learn's bundled 8×8 handwritten digits (1,797 images), images
+  ``(N, 8, 8, 1)``; a fixed stratified 80/20 split.
+- ``mnist1d`` or ``mnist1d:N``: MNIST-1D (Greydanus 2020) generated on the spot by the
+  ``mnist1d`` package's ``make_dataset`` with ``num_samples=N`` (default 5,000) and the
+  package's default transform settings; signals ``(N, 40, 1)``; its own 80/20 split.
+- ``idx:DIR``: MNIST or Fashion-MNIST in the original IDX format (files may be gzipped),
+  ``DIR/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``; images ``(N, 28, 28, 1)``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["DATASETS", "Dataset", "load", "read_idx", "write_idx"]
+
+DATASETS = {
+    "digits": "scikit-learn's 8x8 handwritten digits (1,797 images), bundled",
+    "mnist1d[:N]": "MNIST-1D generated locally with N samples (default 5000)",
+    "idx:DIR": "MNIST / Fashion-MNIST IDX files (optionally .gz) in DIR",
+}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A classification dataset split into train and test, as float32 / int32 numpy arrays."""
+
+    name: str
+    x_train: np.ndarray  # (N_train, *spatial, channels) float32
+    y_train: np.ndarray  # (N_train,) int32
+    x_test: np.ndarray  # (N_test, *spatial, channels) float32
+    y_test: np.ndarray  # (N_test,) int32
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def load(name: str, *, train_size: int | None = None) -> Dataset:
+    """Loads a dataset by name (see the module docstring).
+
+    Args:
+      name: ``"digits"``, ``"mnist1d"``, ``"mnist1d:N"`` or ``"idx:DIR"``.
+      train_size: if given, keep only the first ``train_size`` training examples (the data
+        are already shuffled), e.g. to study overfitting on a small training set.
+
+    Raises:
+      ValueError: for an unknown name or a ``train_size`` larger than the training set.
+    """
+    if name == "digits":
+        dataset = _digits()
+    elif name == "mnist1d" or name.startswith("mnist1d:"):
+        num_samples = int(name.split(":", 1)[1]) if ":" in name else 5000
+        dataset = _mnist1d(num_samples)
+    elif name.startswith("idx:"):
+        dataset = _idx(name.split(":", 1)[1])
+    else:
+        raise ValueError(
+            f"Expected `dataset` to be one of {sorted(DATASETS)}, got {name!r}."
+        )
+    if train_size is not None:
+        if not 0 < train_size <= len(dataset.y_train):
+            raise ValueError(
+                f"Expected `train_size` in [1, {len(dataset.y_train)}] for {name!r}, "
+                f"got {train_size}."
+            )
+        dataset = Dataset(
+            name=f"{dataset.name}[:{train_size}]",
+            x_train=dataset.x_train[:train_size],
+            y_train=dataset.y_train[:train_size],
+            x_test=dataset.x_test,
+            y_test=dataset.y_test,
+            num_classes=dataset.num_classes,
+        )
+    return dataset
+
+
+def _standardized(name, x_train, y_train, x_test, y_test, num_classes) -> Dataset:
+    mean = x_train.mean()
+    std = x_train.std() + 1e-8
+    return Dataset(
+        name=name,
+        x_train=((x_train - mean) / std).astype(np.float32),
+        y_train=y_train.astype(np.int32),
+        x_test=((x_test - mean) / std).astype(np.float32),
+        y_test=y_test.astype(np.int32),
+        num_classes=num_classes,
+    )
+
+
+def _digits() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = bunch.images.astype(np.float64)[..., None]
+    y = bunch.target
+    order = np.random.default_rng(0).permutation(len(y))
+    x, y = x[order], y[order]
+    split = int(0.8 * len(y))
+    return _standardized("digits", x[:split], y[:split], x[split:], y[split:], 10)
+
+
+def _mnist1d(num_samples: int) -> Dataset:
+    # The generator, never the package's download path (get_dataset may fetch a pickle).
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    state = np.random.get_state()  # make_dataset reseeds numpy's global generator
+    try:
+        raw = make_dataset(args)
+    finally:
+        np.random.set_state(state)
+    return _standardized(
+        f"mnist1d:{num_samples}",
+        raw["x"][..., None],
+        raw["y"],
+        raw["x_test"][..., None],
+        raw["y_test"],
+        10,
+    )
+
+
+def _find(directory: str, stem: str) -> str:
+    for candidate in (stem, stem + ".gz"):
+        path = os.path.join(directory, candidate)
+        if os.path.exists(path):
+            return path
+    alt = stem.replace("-idx", ".idx")  # some mirrors use train-images.idx3-ubyte
+    for candidate in (alt, alt + ".gz"):
+        path = os.path.join(directory, candidate)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(
+        f"Expected {stem} or {stem}.gz in {directory!r} for `--dataset idx:DIR`; "
+        f"found {sorted(os.listdir(directory)) if os.path.isdir(directory) else 'no directory'}."
+    )
+
+
+def _idx(directory: str) -> Dataset:
+    arrays = {
+        split: (
+            read_idx(_find(directory, f"{prefix}-images-idx3-ubyte")),
+            read_idx(_find(directory, f"{prefix}-labels-idx1-ubyte")),
+        )
+        for split, prefix in (("train", "train"), ("test", "t10k"))
+    }
+    (x_train, y_train), (x_test, y_test) = arrays["train"], arrays["test"]
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    return _standardized(
+        f"idx:{os.path.basename(os.path.normpath(directory))}",
+        x_train.astype(np.float64)[..., None],
+        y_train,
+        x_test.astype(np.float64)[..., None],
+        y_test,
+        num_classes,
+    )
+
+
+_IDX_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Reads one IDX file (``.gz`` allowed): magic ``00 00 TYPE NDIM``, big-endian dims, data."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, type_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or type_code not in _IDX_DTYPES:
+        raise ValueError(f"Expected an IDX file (magic 0x0000 + type code), got {path!r}.")
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    dtype = _IDX_DTYPES[type_code]
+    array = np.frombuffer(data, dtype=dtype, offset=4 + 4 * ndim)
+    return array.reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def write_idx(path: str, array: np.ndarray) -> None:
+    """Writes ``array`` (uint8) as an IDX file, gzipped if ``path`` ends in ``.gz``."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(header + array.tobytes())

@@ -1,0 +1,199 @@
+"""flax.linen models with the normalization layer chosen by name.
+
+``norm`` is one of :data:`NORMS`:
+
+- ``none``: no normalization;
+- ``bn``: :class:`jaxbn.linen.BatchNorm` (batch statistics in training, running ones in eval,
+  synchronized over ``axis_name`` when one is given);
+- ``layer``: :class:`flax.linen.LayerNorm`;
+- ``group``: :class:`flax.linen.GroupNorm` with the largest of 8, 4, 2 or 1 groups that
+  divides the features.
+
+``placement="before"`` puts the norm between the linear map and the activation (Ioffe &
+Szegedy); ``"after"`` puts it after the activation (seed 004's tip). Every hidden layer is
+``Dense/Conv → [norm] → act → [norm] → [dropout]``; the input to the activation of the last
+hidden layer is sown as ``intermediates/preact`` so experiments can watch its distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import jaxbn.linen
+
+__all__ = ["ACTIVATIONS", "CNN", "MLP", "NORMS", "make_model"]
+
+NORMS = ("none", "bn", "layer", "group")
+PLACEMENTS = ("before", "after")
+ACTIVATIONS = {"relu": nn.relu, "sigmoid": nn.sigmoid, "tanh": nn.tanh}
+
+
+def _groups(features: int) -> int:
+    return next(g for g in (8, 4, 2, 1) if features % g == 0)
+
+
+class Norm(nn.Module):
+    """The normalization layer named ``kind`` (identity for ``"none"``)."""
+
+    kind: str
+    bn_momentum: float = 0.9
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        if self.kind == "none":
+            return x
+        if self.kind == "bn":
+            return jaxbn.linen.BatchNorm(
+                use_running_average=not train,
+                momentum=self.bn_momentum,
+                axis_name=self.axis_name,
+            )(x)
+        if self.kind == "layer":
+            return nn.LayerNorm()(x)
+        if self.kind == "group":
+            return nn.GroupNorm(num_groups=_groups(x.shape[-1]))(x)
+        raise ValueError(f"Expected `norm` in {NORMS}, got {self.kind!r}.")
+
+
+class Block(nn.Module):
+    """Linear map (``Dense`` or ``Conv``) → norm/activation in the chosen order → dropout."""
+
+    features: int
+    norm: str
+    placement: str
+    activation: str
+    dropout: float
+    bn_momentum: float
+    axis_name: str | None
+    conv_kernel: tuple[int, ...] | None = None  # None: Dense
+    sow_preact: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        if self.conv_kernel is None:
+            h = nn.Dense(self.features)(x)
+        else:
+            h = nn.Conv(self.features, self.conv_kernel, padding="SAME")(x)
+        norm = Norm(self.norm, self.bn_momentum, self.axis_name)
+        act = ACTIVATIONS[self.activation]
+        if self.placement == "before":
+            h = norm(h, train=train)
+        if self.sow_preact:
+            self.sow("intermediates", "preact", h)
+        h = act(h)
+        if self.placement == "after":
+            h = norm(h, train=train)
+        if self.dropout > 0:
+            h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        return h
+
+
+class MLP(nn.Module):
+    """Multilayer perceptron: flatten → ``len(widths)`` hidden blocks → linear classifier."""
+
+    widths: Sequence[int]
+    num_classes: int
+    norm: str = "none"
+    placement: str = "before"
+    activation: str = "relu"
+    dropout: float = 0.0
+    bn_momentum: float = 0.9
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        h = x.reshape(x.shape[0], -1)
+        for i, width in enumerate(self.widths):
+            h = Block(
+                width,
+                self.norm,
+                self.placement,
+                self.activation,
+                self.dropout,
+                self.bn_momentum,
+                self.axis_name,
+                sow_preact=i == len(self.widths) - 1,
+                name=f"block{i}",
+            )(h, train=train)
+        return nn.Dense(self.num_classes, name="head")(h)
+
+
+class CNN(nn.Module):
+    """Small CNN for 1-D (``(N, L, C)``) or 2-D (``(N, H, W, C)``) inputs.
+
+    Conv blocks of kernel size 3 (``channels`` of them), a 2× average pooling after every
+    block but the last while the length allows, global average pooling, linear classifier.
+    """
+
+    channels: Sequence[int]
+    num_classes: int
+    norm: str = "none"
+    placement: str = "before"
+    activation: str = "relu"
+    dropout: float = 0.0
+    bn_momentum: float = 0.9
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        spatial = x.ndim - 2
+        h = x
+        for i, channels in enumerate(self.channels):
+            h = Block(
+                channels,
+                self.norm,
+                self.placement,
+                self.activation,
+                0.0,
+                self.bn_momentum,
+                self.axis_name,
+                conv_kernel=(3,) * spatial,
+                sow_preact=i == len(self.channels) - 1,
+                name=f"block{i}",
+            )(h, train=train)
+            if i < len(self.channels) - 1 and min(h.shape[1:-1]) >= 4:
+                h = nn.avg_pool(h, (2,) * spatial, strides=(2,) * spatial)
+        h = jnp.mean(h, axis=tuple(range(1, 1 + spatial)))
+        if self.dropout > 0:
+            h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        return nn.Dense(self.num_classes, name="head")(h)
+
+
+def make_model(
+    kind: str,
+    *,
+    widths: Sequence[int],
+    num_classes: int,
+    norm: str = "none",
+    placement: str = "before",
+    activation: str = "relu",
+    dropout: float = 0.0,
+    bn_momentum: float = 0.9,
+    axis_name: str | None = None,
+) -> nn.Module:
+    """An ``"mlp"`` (``widths`` = hidden widths) or ``"cnn"`` (``widths`` = channels)."""
+    if norm not in NORMS:
+        raise ValueError(f"Expected `norm` in {NORMS}, got {norm!r}.")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"Expected `placement` in {PLACEMENTS}, got {placement!r}.")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"Expected `activation` in {sorted(ACTIVATIONS)}, got {activation!r}.")
+    fields = dict(
+        num_classes=num_classes,
+        norm=norm,
+        placement=placement,
+        activation=activation,
+        dropout=dropout,
+        bn_momentum=bn_momentum,
+        axis_name=axis_name,
+    )
+    if kind == "mlp":
+        return MLP(widths=tuple(widths), **fields)
+    if kind == "cnn":
+        return CNN(channels=tuple(widths), **fields)
+    raise ValueError(f"Expected `model` in ('mlp', 'cnn'), got {kind!r}.")

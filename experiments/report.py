@@ -1,0 +1,148 @@
+"""results.json → one PNG per claim and report.md; everything is made from the files.
+
+``results.json``::
+
+    {"meta": {...command, mode, seeds, devices, versions, runtime_s...},
+     "claims": {"<id>": {"id", "claim", "sources", "how", "metric", "higher_is_better",
+                         "claim_direction",
+                         "with_bn": {"label", "mean", "ci95", "interval", "values"},
+                         "without_bn": {...same...},
+                         "verdict": "holds" | "does not hold" | "inconclusive",
+                         "rule", "reason", "notes", "details": {...plot data...},
+                         "runtime_s"}}}
+
+``with_bn`` is the arm the claim favours (BN, or for ``placement``/``sync`` the favoured BN
+variant) and ``without_bn`` the reference; ``values`` are per seed. ``python -m experiments
+plot DIR`` remakes the figures and the report from ``DIR/results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+__all__ = ["load_results", "verdict_table", "write_report", "write_results"]
+
+VERDICTS = ("holds", "does not hold", "inconclusive")
+
+
+def write_results(out: str, claims: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "results.json")
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "claims": claims}, f, indent=1, allow_nan=False, default=_nan)
+    return path
+
+
+def _nan(value: Any) -> Any:
+    raise TypeError(f"Expected JSON-serializable values in results, got {type(value).__name__}.")
+
+
+def load_results(out: str) -> dict[str, Any]:
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}g}"
+
+
+def _arm(arm: dict[str, Any] | None) -> str:
+    if not arm:
+        return "n/a"
+    return f"{_fmt(arm['mean'])} ± {_fmt(arm['ci95'], 2)}"
+
+
+def verdict_table(results: dict[str, Any]) -> str:
+    """The verdicts as a markdown table (also readable in a terminal)."""
+    lines = [
+        "| claim | verdict | metric | favoured arm | reference | runtime |",
+        "|---|---|---|---|---|---|",
+    ]
+    for claim_id, c in results["claims"].items():
+        favoured = c.get("with_bn") or {}
+        reference = c.get("without_bn") or {}
+        lines.append(
+            f"| {claim_id} | **{c['verdict']}** | {c.get('metric', c.get('error', ''))} | "
+            f"{favoured.get('label', '')}: {_arm(favoured)} | "
+            f"{reference.get('label', '')}: {_arm(reference)} | "
+            f"{_fmt(c.get('runtime_s'), 3)} s |"
+        )
+    return "\n".join(lines)
+
+
+def plot_claim(entry: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .claims import load_claim
+
+    fig = plt.figure(figsize=(9, 4.2), layout="constrained")
+    try:
+        load_claim(entry["id"]).plot(entry, fig)
+        fig.suptitle(f"{entry['id']}: {entry['verdict']}", fontsize=10)
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def write_report(out: str) -> str:
+    """Writes ``<claim>.png`` for each claim and ``report.md``; returns report.md's path."""
+    results = load_results(out)
+    meta = results["meta"]
+    sections = []
+    for claim_id, c in results["claims"].items():
+        lines = [f"## {claim_id}: {c.get('claim', '')}", ""]
+        if "error" in c:
+            lines += [f"**{c['verdict']}**: the experiment failed.", "", "```", c["error"], "```"]
+            sections.append("\n".join(lines))
+            continue
+        png = f"{claim_id}.png"
+        plot_claim(c, os.path.join(out, png))
+        favoured, reference = c["with_bn"], c["without_bn"]
+        lines += [
+            f"- **Verdict: {c['verdict']}**. {c['reason']}.",
+            f"- Sources: seed articles {', '.join(c['sources'])}.",
+            f"- How: {c['how']}.",
+            f"- Metric: {c['metric']}; claimed: {c['claim_direction']}.",
+            f"- {favoured['label']}: {_arm(favoured)} (per seed: "
+            f"{', '.join(_fmt(v) for v in favoured['values'])})",
+            f"- {reference['label']}: {_arm(reference)} (per seed: "
+            f"{', '.join(_fmt(v) for v in reference['values'])})",
+        ]
+        if c.get("notes"):
+            lines.append(f"- Notes: {c['notes']}")
+        lines.append(f"- Runtime: {_fmt(c.get('runtime_s'), 3)} s; runs in `{claim_id}/`.")
+        lines += ["", f"![{claim_id}]({png})"]
+        sections.append("\n".join(lines))
+    counts = {v: sum(c["verdict"] == v for c in results["claims"].values()) for v in VERDICTS}
+    header = [
+        "# Batch-normalization claims, measured",
+        "",
+        f"Command: `{meta.get('command', '')}` — mode **{meta.get('mode')}**, "
+        f"{meta.get('seeds')} seeds, {meta.get('device_count')} device(s), "
+        f"jax {meta.get('jax_version')}, total {_fmt(meta.get('runtime_s'), 3)} s.",
+        "",
+        f"Verdicts: {counts['holds']} hold, {counts['does not hold']} do not hold, "
+        f"{counts['inconclusive']} inconclusive.",
+        "",
+        "**Rule** (the same for every claim): "
+        + next(
+            (c["rule"] for c in results["claims"].values() if "rule" in c),
+            "see experiments/verdict.py",
+        )
+        + ". Values are mean ± 95% half-width over seeds.",
+        "",
+        verdict_table(results),
+        "",
+    ]
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(header) + "\n" + "\n\n".join(sections) + "\n")
+    return path
