@@ -5,23 +5,109 @@ The single cross-device collective of a batch-norm layer lives here (``combine``
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ._checks import AxisName
 
-__all__ = ["Moments", "combine", "local_moments", "mean_and_var"]
+__all__ = [
+    "Moments",
+    "combine",
+    "local_moments",
+    "mean_and_var",
+    "reference",
+    "sum_over",
+    "sync_sum",
+]
 
 
 class Moments(NamedTuple):
     """Per-feature moments of a set of values, in the statistics dtype (≥ float32)."""
 
-    valid_count: jax.Array  # [*feature_shape]: number of valid entries (a float, exact below 2**24)
-    mean: jax.Array  # [*feature_shape]: mean of the valid entries (0 where count == 0)
-    m2: jax.Array  # [*feature_shape]: sum of squared deviations from `mean`
+    # Each field has x's rank, size 1 on the reduction axes, so it broadcasts against x.
+    valid_count: jax.Array  # number of valid entries (a float, exact below 2**24)
+    mean: jax.Array  # mean of the valid entries
+    m2: jax.Array  # sum of squared deviations from `mean`
+
+
+def sum_over(operands: Sequence[jax.Array], axes: tuple[int, ...]) -> tuple[jax.Array, ...]:
+    """Sums each operand over ``axes`` (keeping them as size 1) in ONE variadic reduction.
+
+    ``jnp.sum`` of several arrays computed from the same input becomes several kernels on
+    XLA:CPU, each re-reading the input; one variadic ``lax.reduce`` reads it once. The
+    operands' producers (casts, subtractions, products) fuse into the reduction, so a
+    bfloat16 input is read as bfloat16 and accumulated in float32 without a float32 copy.
+    Differentiable (its tangent is the plain sums), so the custom VJP built on it can
+    itself be differentiated again.
+    """
+    return _sum_over(tuple(axes), *operands)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _sum_over(axes: tuple[int, ...], *operands: jax.Array) -> tuple[jax.Array, ...]:
+    zeros = tuple(np.zeros((), op.dtype) for op in operands)
+    sums = lax.reduce(
+        tuple(operands),
+        zeros,
+        lambda acc, new: tuple(a + b for a, b in zip(acc, new, strict=True)),
+        axes,
+    )
+    kept = tuple(1 if a in axes else d for a, d in enumerate(operands[0].shape))
+    return tuple(total.reshape(kept) for total in sums)
+
+
+@_sum_over.defjvp
+def _sum_over_jvp(
+    axes: tuple[int, ...], primals: tuple[jax.Array, ...], tangents: tuple[jax.Array, ...]
+) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    tangent_sums = tuple(jnp.sum(t, axis=axes, keepdims=True) for t in tangents)
+    return _sum_over(axes, *primals), tangent_sums
+
+
+def reference(
+    x: jax.Array, reduction_axes: tuple[int, ...], mask: jax.Array | None, dtype: Any
+) -> jax.Array:
+    """A per-feature value near the mean, to shift the data by before summing.
+
+    The (masked) mean of the first slice of ``x`` along its first reduction axis: one
+    example for ``(N, C)``, one image's pixels for NHWC. It reads ``1/N`` of ``x``. Sums of
+    ``x - reference`` have the size of the standard deviation, so ``sum(d**2) - sum(d)**2/n``
+    keeps its precision when ``|mean| >> std``. No gradient flows through it: the moments do
+    not depend on the shift mathematically.
+    """
+    if _sharded_explicitly(x, reduction_axes):
+        # Under explicit sharding the first example lives on one device and JAX refuses
+        # to slice it out implicitly; the mean itself (one more pass) is the safe shift.
+        return lax.stop_gradient(_masked_mean(x.astype(dtype), reduction_axes, mask, dtype))
+    first = lax.slice_in_dim(x, 0, 1, axis=reduction_axes[0]).astype(dtype)
+    first_mask = (
+        None
+        if mask is None
+        else lax.slice_in_dim(jnp.broadcast_to(mask, x.shape), 0, 1, axis=reduction_axes[0])
+    )
+    return lax.stop_gradient(_masked_mean(first, reduction_axes, first_mask, dtype))
+
+
+def _sharded_explicitly(x: jax.Array, axes: tuple[int, ...]) -> bool:
+    """Whether ``x`` is typed as sharded (explicit sharding mode) along one of ``axes``."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return spec is not None and any(a < len(spec) and spec[a] is not None for a in axes)
+
+
+def _masked_mean(
+    x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, dtype: Any
+) -> jax.Array:
+    if mask is None:
+        return jnp.mean(x, axis=axes, keepdims=True)
+    mask = jnp.broadcast_to(mask, x.shape)
+    total = jnp.sum(jnp.where(mask, x, 0), axis=axes, keepdims=True)
+    return total / jnp.maximum(jnp.sum(mask, axis=axes, keepdims=True, dtype=dtype), 1)
 
 
 def local_moments(
@@ -32,34 +118,29 @@ def local_moments(
 ) -> Moments:
     """Count, mean and M2 of ``x`` over ``reduction_axes``, counting only ``mask``'s entries.
 
-    Uses the corrected two-pass algorithm (Chan, Golub & LeVeque 1983): a first pass gives an
-    estimate ``m`` of the mean, the second sums ``d = x - m`` and ``d**2``, and
-    ``M2 = sum(d**2) - sum(d)**2 / n``. The second pass works on values of the size of the
-    standard deviation, so the variance stays accurate when ``|mean| >> std``, and the
-    rounding error of the first pass is corrected instead of being added as ``n * err**2``.
+    One read of ``x``: a shifted one-pass sum ``S1 = Σ d``, ``S2 = Σ d²`` with
+    ``d = x - reference`` (see :func:`reference`), then ``mean = reference + S1/n`` and
+    ``M2 = S2 - S1²/n``. The results keep the feature axes and have size 1 on the reduction
+    axes, so they broadcast against ``x``.
     """
-    x = x.astype(dtype)
-    kept_shape = tuple(1 if a in reduction_axes else d for a, d in enumerate(x.shape))
+    if not reduction_axes:  # every axis is a feature axis: one entry per feature (vmap sync)
+        count = jnp.ones(x.shape, dtype) if mask is None else jnp.broadcast_to(mask, x.shape)
+        count = count.astype(dtype)
+        return Moments(count, x.astype(dtype) * count, jnp.zeros(x.shape, dtype))
+    ref = reference(x, reduction_axes, mask, dtype)
+    centered = x.astype(dtype) - ref
     if mask is None:
-        count = jnp.full(kept_shape, _prod([x.shape[a] for a in reduction_axes]), dtype)
-        estimate = jnp.sum(x, axis=reduction_axes, keepdims=True) / jnp.maximum(count, 1)
-        centered = x - estimate
-        sum_d = jnp.sum(centered, axis=reduction_axes, keepdims=True)
-        sum_d2 = jnp.sum(jnp.square(centered), axis=reduction_axes, keepdims=True)
+        count = jnp.full(ref.shape, _prod([x.shape[a] for a in reduction_axes]), dtype)
+        sum_d, sum_d2 = sum_over((centered, centered * centered), reduction_axes)
     else:
-        mask = jnp.broadcast_to(mask, x.shape)
-        count = jnp.sum(mask, axis=reduction_axes, keepdims=True, dtype=dtype)
-        estimate = jnp.sum(jnp.where(mask, x, 0), axis=reduction_axes, keepdims=True)
-        estimate = estimate / jnp.maximum(count, 1)
-        centered = jnp.where(mask, x - estimate, 0)
-        sum_d = jnp.sum(centered, axis=reduction_axes, keepdims=True)
-        sum_d2 = jnp.sum(jnp.square(centered), axis=reduction_axes, keepdims=True)
+        valid = jnp.broadcast_to(mask, x.shape)
+        centered = jnp.where(valid, centered, 0)
+        count, sum_d, sum_d2 = sum_over(
+            (valid.astype(dtype), centered, centered * centered), reduction_axes
+        )
     safe_count = jnp.maximum(count, 1)
     correction = sum_d / safe_count
-    mean = estimate + correction
-    m2 = jnp.maximum(sum_d2 - sum_d * correction, 0)
-    squeeze = lambda a: jnp.squeeze(a, axis=reduction_axes)  # noqa: E731
-    return Moments(squeeze(count), squeeze(mean), squeeze(m2))
+    return Moments(count, ref + correction, jnp.maximum(sum_d2 - sum_d * correction, 0))
 
 
 def _prod(shape: list[int]) -> int:
@@ -83,14 +164,14 @@ def combine(
     contributes nothing) and no sum of squares of large values is ever formed, so the result
     is as accurate as a single-device two-pass computation. This is the scheme of PyTorch's
     SyncBatchNorm; it moves ``3 * devices * features`` numbers, which is small next to any
-    gradient all-reduce. Its transpose on the backward pass is one reduce-scatter.
+    gradient all-reduce. The backward pass needs one collective too (:func:`sync_sum`).
     """
     stacked = jnp.stack(local)  # [3, *feature_shape]
     gathered = _all_gather(stacked, axis_name, axis_index_groups)  # [devices, 3, *feature_shape]
     counts, means, m2s = gathered[:, 0], gathered[:, 1], gathered[:, 2]
     count = jnp.sum(counts, axis=0)
     mean = jnp.sum(counts * means, axis=0) / jnp.maximum(count, 1)
-    m2 = jnp.sum(m2s, axis=0) + jnp.sum(counts * jnp.square(means - mean), axis=0)
+    m2 = jnp.sum(m2s, axis=0) + jnp.sum(counts * jnp.square(means - mean[None]), axis=0)
     return Moments(count, mean, m2)
 
 
@@ -117,6 +198,18 @@ def _all_gather(value: jax.Array, axis_name: AxisName, axis_index_groups: Any) -
     if device_names:
         out = lax.all_gather(out, device_names, axis=0, tiled=True, to="invarying")
     return out
+
+
+def sync_sum(value: jax.Array, axis_name: AxisName, axis_index_groups: Any) -> jax.Array:
+    """Sums ``value`` over the devices of ``axis_name``: the backward pass's one collective.
+
+    ``psum`` with ``axis_index_groups`` is not implemented under ``shard_map``; a grouped
+    ``all_gather`` followed by a local sum is, so groups take that route.
+    """
+    if axis_index_groups is not None:
+        gathered = lax.all_gather(value, axis_name, axis_index_groups=axis_index_groups)
+        return jnp.sum(gathered, axis=0)
+    return lax.psum(value, axis_name)
 
 
 def mean_and_var(moments: Moments) -> tuple[jax.Array, jax.Array]:

@@ -16,7 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen import dtypes, initializers
+from flax.linen import initializers
 from flax.typing import Dtype, Initializer
 
 from ._batch_norm import batch_norm
@@ -120,7 +120,10 @@ class BatchNorm(nn.Module):
             if self.use_bias
             else None
         )
-        out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+        # flax's canonicalize_dtype, without jnp.result_type (which strict promotion rejects).
+        out_dtype = self.dtype or wider_float(
+            x.dtype, *(None if p is None else p.dtype for p in (scale, bias))
+        )
         stats_dtype = stats_dtype_of(stored_dtype)
         state = BatchStats(
             mean=ra_mean.value.astype(stats_dtype),

@@ -19,12 +19,19 @@ from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
 from ._batch_norm import batch_norm
 from ._checks import stats_dtype as stats_dtype_of
+from ._checks import wider_float
 from ._state import BatchStats
 
 __all__ = ["BatchNorm"]
 
 _ZEROS = initializers.zeros_init()
 _ONES = initializers.ones_init()
+
+
+def _promote(arrays: tuple[Any, ...], dtype: Dtype | None) -> tuple[Any, ...]:
+    """flax's default ``promote_dtype``, with explicit promotion that strict mode accepts."""
+    target = dtype or wider_float(*(None if a is None else a.dtype for a in arrays))
+    return tuple(None if a is None else jnp.asarray(a, target) for a in arrays)
 
 
 class BatchNorm(nnx.Module):
@@ -144,10 +151,14 @@ class BatchNorm(nnx.Module):
         scale = self.scale[...] if self.scale is not None else None
         bias = self.bias[...] if self.bias is not None else None
         stored_mean, stored_var = self.mean[...], self.var[...]
-        x, mean, var, scale, bias = self.promote_dtype(
-            (x, stored_mean, stored_var, scale, bias), dtype=self.dtype
+        arrays = (jnp.asarray(x), stored_mean, stored_var, scale, bias)
+        if self.promote_dtype is dtypes.promote_dtype:
+            x, mean, var, scale, bias = _promote(arrays, self.dtype)
+        else:
+            x, mean, var, scale, bias = self.promote_dtype(arrays, dtype=self.dtype)
+        out_dtype = self.dtype or wider_float(
+            x.dtype, *(None if p is None else p.dtype for p in (scale, bias))
         )
-        out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
         if not use_running_average:
             # The EMA runs on the stored (float32) statistics, as in flax.
             mean, var = stored_mean, stored_var
