@@ -157,7 +157,8 @@ class CNN(nn.Module):
                 name=f"block{i}",
             )(h, train=train)
             if i < len(self.channels) - 1 and min(h.shape[1:-1]) >= 4:
-                h = nn.avg_pool(h, (2,) * spatial, strides=(2,) * spatial)
+                with jax.numpy_dtype_promotion("standard"):  # flax divides by an int
+                    h = nn.avg_pool(h, (2,) * spatial, strides=(2,) * spatial)
         h = jnp.mean(h, axis=tuple(range(1, 1 + spatial)))
         if self.dropout > 0:
             h = nn.Dropout(self.dropout, deterministic=not train)(h)

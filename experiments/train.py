@@ -147,6 +147,17 @@ def _batch_indices(key: jax.Array, step: jax.Array, num_examples: int, batch: in
     return jax.random.randint(jax.random.fold_in(key, step), (batch,), 0, num_examples)
 
 
+def _standard_promotion(function: Callable) -> Callable:
+    """Traces ``function`` with standard dtype promotion: optax (Adam's ``decay**count``) and
+    flax need it, and the tests run under ``jax_numpy_dtype_promotion="strict"``."""
+
+    def wrapped(*args: Any) -> Any:
+        with jax.numpy_dtype_promotion("standard"):
+            return function(*args)
+
+    return wrapped
+
+
 class Trainer:
     """The compiled pieces of one config: ``init``, ``chunk`` of steps, ``evaluate``."""
 
@@ -209,14 +220,16 @@ class Trainer:
         self.init_keys, self.data_keys, self.dropout_keys = keys[:, 0], keys[:, 1], keys[:, 2]
         self.learning_rates = jnp.array([run["learning_rate"] for run in runs], jnp.float32)
         self.init_scales = jnp.array([run["init_scale"] for run in runs], jnp.float32)
-        self._chunk = jax.jit(self._chunk_impl, static_argnums=2, donate_argnums=0)
-        self._evaluate = jax.jit(self._evaluate_impl, static_argnums=2)
-        self._grad_norms = jax.jit(self._grad_norms_impl)
+        self._chunk = jax.jit(
+            _standard_promotion(self._chunk_impl), static_argnums=2, donate_argnums=0
+        )
+        self._evaluate = jax.jit(_standard_promotion(self._evaluate_impl), static_argnums=2)
+        self._grad_norms = jax.jit(_standard_promotion(self._grad_norms_impl))
 
     # ---------------------------------------------------------------- init
     def init(self) -> TrainState:
         """The initial state of every run (kernels multiplied by the run's init scale)."""
-        return jax.jit(self._init_impl)(self.init_keys, self.init_scales)
+        return jax.jit(_standard_promotion(self._init_impl))(self.init_keys, self.init_scales)
 
     def _init_impl(self, init_keys: jax.Array, init_scales: jax.Array) -> TrainState:
         example = jnp.zeros((2, *self.dataset.input_shape), jnp.float32)

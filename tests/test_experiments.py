@@ -1,0 +1,251 @@
+"""Fast tests of the experiments package: data, models, the training loop, verdicts, report, CLI.
+
+Tiny sizes throughout; conftest.py provides 8 host devices and strict dtype/rank promotion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import data, verdict
+from experiments.__main__ import main
+from experiments.models import NORMS, make_model
+from experiments.train import Config, Trainer, train_and_evaluate
+
+TINY = Config(
+    dataset="digits",
+    widths=(16, 16),
+    activation="relu",
+    norm="bn",
+    optimizer="sgd",
+    learning_rates=(0.1,),
+    batch_size=32,
+    steps=40,
+    eval_every=20,
+    seeds=(0, 1),
+)
+
+
+@pytest.fixture(scope="module")
+def digits() -> data.Dataset:
+    return data.load("digits")
+
+
+# ------------------------------------------------------------------ data
+
+
+def test_digits_split_and_standardized(digits):
+    assert digits.x_train.shape == (1437, 8, 8, 1)
+    assert digits.x_test.shape == (360, 8, 8, 1)
+    assert digits.x_train.dtype == np.float32 and digits.y_train.dtype == np.int32
+    assert abs(float(digits.x_train.mean())) < 1e-4
+    assert abs(float(digits.x_train.std()) - 1) < 1e-3
+    assert set(np.unique(digits.y_test)) == set(range(10))
+
+
+def test_mnist1d_is_generated_not_downloaded(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # get_dataset would leave a pickle here; make_dataset must not
+    state = np.random.get_state()
+    ds = data.load("mnist1d:200")
+    assert ds.x_train.shape == (160, 40, 1) and ds.x_test.shape == (40, 40, 1)
+    assert ds.num_classes == 10
+    assert os.listdir(tmp_path) == []
+    assert np.array_equal(np.random.get_state()[1], state[1])  # global RNG left alone
+
+
+def test_idx_reader_plain_and_gzipped(tmp_path):
+    rng = np.random.default_rng(0)
+    images = {s: rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for s, n in
+              (("train", 30), ("t10k", 10))}
+    labels = {s: rng.integers(0, 10, len(images[s]), dtype=np.uint8) for s in images}
+    data.write_idx(str(tmp_path / "train-images-idx3-ubyte.gz"), images["train"])
+    data.write_idx(str(tmp_path / "train-labels-idx1-ubyte.gz"), labels["train"])
+    data.write_idx(str(tmp_path / "t10k-images-idx3-ubyte"), images["t10k"])
+    data.write_idx(str(tmp_path / "t10k-labels-idx1-ubyte"), labels["t10k"])
+    assert np.array_equal(data.read_idx(str(tmp_path / "train-images-idx3-ubyte.gz")),
+                          images["train"])
+    ds = data.load(f"idx:{tmp_path}")
+    assert ds.x_train.shape == (30, 28, 28, 1) and ds.x_test.shape == (10, 28, 28, 1)
+    assert np.array_equal(ds.y_test, labels["t10k"].astype(np.int32))
+    # standardization is monotone, so the pixel order survives
+    assert np.array_equal(np.argsort(ds.x_train[0].ravel(), kind="stable"),
+                          np.argsort(images["train"][0].ravel(), kind="stable"))
+
+
+def test_unknown_dataset_and_bad_train_size():
+    with pytest.raises(ValueError, match="Expected `dataset`"):
+        data.load("cifar")
+    with pytest.raises(ValueError, match="Expected `train_size`"):
+        data.load("digits", train_size=10_000)
+
+
+# ------------------------------------------------------------------ models
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("kind, shape", [("mlp", (4, 8, 8, 1)), ("cnn", (4, 40, 1)),
+                                         ("cnn", (4, 8, 8, 1))])
+def test_models_build_for_every_norm(kind, shape, norm):
+    model = make_model(kind, widths=(8, 8), num_classes=10, norm=norm, placement="after",
+                       dropout=0.1)
+    x = jnp.ones(shape, jnp.float32)
+    variables = model.init({"params": jax.random.key(0)}, x, train=False)
+    logits, _ = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)},
+                            mutable=["batch_stats"])
+    assert logits.shape == (4, 10)
+    assert ("batch_stats" in variables) == (norm == "bn")
+
+
+def test_model_rejects_unknown_names():
+    with pytest.raises(ValueError, match="Expected `norm`"):
+        make_model("mlp", widths=(4,), num_classes=2, norm="batch")
+    with pytest.raises(ValueError, match="Expected `placement`"):
+        make_model("mlp", widths=(4,), num_classes=2, placement="middle")
+
+
+# ------------------------------------------------------------------ training loop
+
+
+def test_loss_decreases_and_bn_state_moves_only_in_training(digits):
+    trainer = Trainer(dataclasses.replace(TINY, steps=60), digits)
+    state = trainer.init()
+    stats0 = jax.tree.map(np.asarray, state.batch_stats)
+    state, first = trainer.chunk(state, 0, 20)
+    _, later = trainer.chunk(jax.tree.map(jnp.copy, state), 20, 40)
+    assert np.all(np.asarray(later)[-10:].mean(0) < np.asarray(first)[:10].mean(0))
+    moved = jax.tree.map(lambda a, b: not np.allclose(a, np.asarray(b)), stats0,
+                         state.batch_stats)
+    assert all(jax.tree.leaves(moved))
+    # evaluation (running statistics) leaves the statistics alone
+    one = jax.tree.map(lambda a: a[0], {"params": state.params, "batch_stats": state.batch_stats})
+    _, updates = trainer.eval_model.apply(one, jnp.asarray(digits.x_test[:50]), train=False,
+                                          mutable=["batch_stats"])
+    assert jax.tree.all(jax.tree.map(np.array_equal, updates["batch_stats"], one["batch_stats"]))
+
+
+def test_train_and_evaluate_writes_plain_files_and_is_deterministic(tmp_path, digits):
+    result = train_and_evaluate(TINY, str(tmp_path / "a"), dataset=digits)
+    again = train_and_evaluate(TINY, None, dataset=digits)
+    np.testing.assert_array_equal(result.metrics["test_accuracy"], again.metrics["test_accuracy"])
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["norm"] == "bn" and len(config["runs"]) == 2
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [20, 40]
+    assert len(lines[-1]["test_accuracy"]) == 2
+    assert result.final("test_accuracy").min() > 0.5
+
+
+def test_resume_gives_the_same_final_numbers(tmp_path, digits):
+    config = dataclasses.replace(TINY, steps=60, checkpoint_every=20, optimizer="adam",
+                                 learning_rates=(1e-2,), dropout=0.1)
+    straight = train_and_evaluate(config, str(tmp_path / "straight"), dataset=digits)
+    workdir = str(tmp_path / "interrupted")
+    train_and_evaluate(config, workdir, dataset=digits, stop_at=20)
+    resumed = train_and_evaluate(config, workdir, dataset=digits, resume=True)
+    np.testing.assert_array_equal(resumed.steps, straight.steps)
+    for name in ("train_loss", "test_accuracy", "test_loss"):
+        np.testing.assert_array_equal(resumed.metrics[name], straight.metrics[name])
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        steps = [json.loads(x)["step"] for x in f]
+    assert steps == [20, 40, 60]
+
+
+def test_a_nan_stops_the_run_and_records_where(digits):
+    config = dataclasses.replace(TINY, norm="none", learning_rates=(float("inf"), 0.01),
+                                 seeds=(0,), steps=60)
+    result = train_and_evaluate(config, None, dataset=digits)
+    assert result.diverged_at == [[0, 0], None]  # NaN at step 0, before any logged step
+    assert np.isnan(result.metrics["test_accuracy"][:, 0]).all()
+    assert np.isfinite(result.metrics["test_accuracy"][:, 1]).all()
+
+
+def test_all_runs_stopped_ends_the_loop_early(digits):
+    config = dataclasses.replace(TINY, norm="none", learning_rates=(float("inf"),), steps=100)
+    result = train_and_evaluate(config, None, dataset=digits)
+    assert result.steps.tolist() == [20]
+
+
+def test_sharded_synchronized_bn_equals_one_device_on_the_same_batch(digits):
+    config = dataclasses.replace(TINY, steps=20, eval_every=10)
+    one = Trainer(config, digits)
+    eight = Trainer(dataclasses.replace(config, devices=8, sync_bn=True), digits)
+    per_device = Trainer(dataclasses.replace(config, devices=8, sync_bn=False), digits)
+    s1, l1 = one.chunk(one.init(), 0, 20)
+    s8, l8 = eight.chunk(eight.init(), 0, 20)
+    sp, lp = per_device.chunk(per_device.init(), 0, 20)
+    np.testing.assert_allclose(l8, l1, rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 (s8.params, s8.batch_stats), (s1.params, s1.batch_stats))
+    assert not np.allclose(np.asarray(lp), np.asarray(l1), rtol=1e-3)
+
+
+def test_config_errors_are_explicit(digits):
+    with pytest.raises(ValueError, match="multiple of `eval_every`"):
+        Trainer(dataclasses.replace(TINY, steps=30), digits)
+    with pytest.raises(ValueError, match="divisible by `devices`"):
+        Trainer(dataclasses.replace(TINY, devices=3), digits)
+
+
+def test_tensorboard_without_tensorboardx_says_how_to_install(tmp_path, digits, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # as if not installed
+    with pytest.raises(ImportError, match="pip install 'jaxbn\\[tensorboard\\]'"):
+        train_and_evaluate(dataclasses.replace(TINY, tensorboard=True), str(tmp_path),
+                           dataset=digits)
+
+
+# ------------------------------------------------------------------ verdict rule
+
+
+def test_verdict_rule():
+    assert verdict.compare([1.0, 1.1, 0.9], [0.0, 0.1, -0.1], higher_is_better=True)[0] == "holds"
+    assert verdict.compare([1.0, 1.1, 0.9], [0.0, 0.1, -0.1],
+                           higher_is_better=False)[0] == "does not hold"
+    assert verdict.compare([1.0, 2.0, 0.0], [0.5, 1.5, 0.2],
+                           higher_is_better=True)[0] == "inconclusive"
+    assert verdict.compare([1.0], [0.0], higher_is_better=True)[0] == "inconclusive"
+    mean, half = verdict.interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.302652729911275 / np.sqrt(3))
+
+
+# ------------------------------------------------------------------ command line and report
+
+
+def test_cli_list_in_a_subprocess():
+    out = subprocess.run([sys.executable, "-m", "experiments", "list"], capture_output=True,
+                         text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 11 and lines[0].startswith("convergence")
+
+
+def test_cli_run_writes_report_png_and_results(tmp_path, capsys):
+    out = tmp_path / "run"
+    main(["run", "convergence", "--budget", "0.04", "--seeds", "2", "--dataset", "digits",
+          "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert "| convergence |" in printed and "report.md" in printed
+    assert {"report.md", "results.json", "convergence.png"} <= set(os.listdir(out))
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["seeds"] == 2
+    entry = results["claims"]["convergence"]
+    assert entry["verdict"] in ("holds", "does not hold", "inconclusive")
+    for key in ("metric", "rule", "reason", "higher_is_better", "runtime_s", "details"):
+        assert key in entry
+    for arm in ("with_bn", "without_bn"):
+        assert set(entry[arm]) == {"label", "mean", "ci95", "interval", "values"}
+        assert len(entry[arm]["values"]) == 2
+    assert (out / "convergence" / "bn" / "metrics.jsonl").exists()
+    report = (out / "report.md").read_text()
+    assert "| claim | verdict |" in report and "![convergence](convergence.png)" in report
+    # plots and report are remade from the files alone
+    os.remove(out / "convergence.png")
+    main(["plot", str(out)])
+    assert (out / "convergence.png").exists()
