@@ -181,7 +181,7 @@ def test_sharded_synchronized_bn_equals_one_device_on_the_same_batch(digits):
     per_device = Trainer(dataclasses.replace(config, devices=8, sync_bn=False), digits)
     s1, l1 = one.chunk(one.init(), 0, 20)
     s8, l8 = eight.chunk(eight.init(), 0, 20)
-    sp, lp = per_device.chunk(per_device.init(), 0, 20)
+    _, lp = per_device.chunk(per_device.init(), 0, 20)
     np.testing.assert_allclose(l8, l1, rtol=1e-5, atol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                  (s8.params, s8.batch_stats), (s1.params, s1.batch_stats))
