@@ -84,8 +84,8 @@ def reference(
     if _sharded_explicitly(x, reduction_axes):
         # Under explicit sharding the first example lives on one device and JAX refuses
         # to slice it out implicitly; the mean itself (one more pass) is the safe shift.
-        return lax.stop_gradient(_masked_mean(x.astype(dtype), reduction_axes, mask, dtype))
-    first = lax.slice_in_dim(x, 0, 1, axis=reduction_axes[0]).astype(dtype)
+        return lax.stop_gradient(_masked_mean(x, reduction_axes, mask, dtype))
+    first = lax.slice_in_dim(x, 0, 1, axis=reduction_axes[0])
     first_mask = (
         None
         if mask is None
@@ -103,10 +103,11 @@ def _sharded_explicitly(x: jax.Array, axes: tuple[int, ...]) -> bool:
 def _masked_mean(
     x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, dtype: Any
 ) -> jax.Array:
+    """The mean of the True entries of ``x`` over ``axes``, accumulated in ``dtype``."""
     if mask is None:
-        return jnp.mean(x, axis=axes, keepdims=True)
+        return jnp.mean(x, axis=axes, keepdims=True, dtype=dtype)
     mask = jnp.broadcast_to(mask, x.shape)
-    total = jnp.sum(jnp.where(mask, x, 0), axis=axes, keepdims=True)
+    total = jnp.sum(jnp.where(mask, x, 0), axis=axes, keepdims=True, dtype=dtype)
     return total / jnp.maximum(jnp.sum(mask, axis=axes, keepdims=True, dtype=dtype), 1)
 
 

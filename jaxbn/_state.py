@@ -38,8 +38,12 @@ class BatchStats(NamedTuple):
     count: jax.Array  # type: ignore[assignment]
     """int32 ``[]``: number of batches merged into ``mean``/``var`` so far.
 
-    Batches whose statistics were not finite are not counted (they are not merged). With
-    ``momentum=None`` the running statistics are the plain average of the ``count`` batches.
+    Batches whose statistics were not finite, or that had no valid entry, are not counted
+    (they are not merged). With ``momentum=None`` the running statistics are the plain
+    average of the ``count`` batches. ``count`` is one number per layer: with a mask that
+    empties some features but not others in a batch, those features keep their values while
+    ``count`` advances, so their cumulative average weights the later batches less than
+    ``1/count``. Use a float ``momentum`` with such per-feature masks.
     """
 
 

@@ -1,0 +1,704 @@
+"""jaxbn.batch_norm against an independent float64 numpy reference (and flax, for accuracy)."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbn
+
+EPS = 1e-5
+
+# Compiling one program per case is several times faster on CPU than running op by op; the
+# tests that need eager semantics (eval returns the very same state object) call
+# jaxbn.batch_norm directly.
+batch_norm = jax.jit(jaxbn.batch_norm, static_argnames=("training", "axis", "momentum", "epsilon"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The float64 numpy reference: written from the formulas, sharing no code with jaxbn.
+# ----------------------------------------------------------------------------------------------
+
+
+def _feature_axes(ndim: int, axis: int | tuple[int, ...]) -> tuple[int, ...]:
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    return tuple(sorted(a % ndim for a in axes))
+
+
+def _reduction_axes(ndim: int, axis: int | tuple[int, ...]) -> tuple[int, ...]:
+    feature_axes = _feature_axes(ndim, axis)
+    return tuple(a for a in range(ndim) if a not in feature_axes)
+
+
+def _feature_shape(shape: tuple[int, ...], axis: int | tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(shape[a] for a in _feature_axes(len(shape), axis))
+
+
+def _broadcast(v: np.ndarray, shape: tuple[int, ...], axis: int | tuple[int, ...]) -> np.ndarray:
+    """A feature-shaped array reshaped to broadcast against an input of `shape`."""
+    feature_axes = _feature_axes(len(shape), axis)
+    return np.reshape(v, [d if a in feature_axes else 1 for a, d in enumerate(shape)])
+
+
+def ref_moments(x, axis, mask=None):
+    """float64 batch mean and biased variance per feature, over the True entries of `mask`."""
+    x = np.asarray(x, np.float64)
+    red = _reduction_axes(x.ndim, axis)
+    m = np.ones(x.shape) if mask is None else np.broadcast_to(np.asarray(mask), x.shape) * 1.0
+    n = m.sum(axis=red)
+    mean = (x * m).sum(axis=red) / n
+    centered = x - _broadcast(mean, x.shape, axis)
+    var = (centered**2 * m).sum(axis=red) / n
+    return mean, var
+
+
+def ref_normalize(x, mean, var, axis, scale=None, bias=None, eps=EPS):
+    x = np.asarray(x, np.float64)
+    b = functools.partial(_broadcast, shape=x.shape, axis=axis)
+    y = (x - b(np.asarray(mean, np.float64))) / np.sqrt(b(np.asarray(var, np.float64)) + eps)
+    if scale is not None:
+        y = y * b(np.asarray(scale, np.float64))
+    if bias is not None:
+        y = y + b(np.asarray(bias, np.float64))
+    return y
+
+
+def ref_train(x, axis, scale=None, bias=None, mask=None, eps=EPS):
+    mean, var = ref_moments(x, axis, mask)
+    return ref_normalize(x, mean, var, axis, scale, bias, eps), mean, var
+
+
+def ref_grads(x, dy, axis, scale, mask=None, eps=EPS):
+    """The analytic batch-norm gradient of sum(dy * y) w.r.t. x, scale and bias, in float64.
+
+    μ and σ² = var + eps depend only on the valid entries (m = 1), but every entry is
+    normalized with them, so for entry i (n = number of valid entries)::
+
+        dx_i = scale/σ · (dy_i − m_i · Σ dy / n − m_i · x̂_i · Σ dy·x̂ / n)
+
+    which is the textbook ``scale/σ · (dy − mean(dy) − x̂·mean(dy·x̂))`` without a mask, and
+    the direct path ``dy · scale/σ`` alone for a masked-out entry.
+    """
+    x = np.asarray(x, np.float64)
+    dy = np.asarray(dy, np.float64)
+    red = _reduction_axes(x.ndim, axis)
+    m = np.ones(x.shape) if mask is None else np.broadcast_to(np.asarray(mask), x.shape) * 1.0
+    mean, var = ref_moments(x, axis, mask)
+    b = functools.partial(_broadcast, shape=x.shape, axis=axis)
+    sigma = np.sqrt(var + eps)
+    x_hat = (x - b(mean)) / b(sigma)
+    n = b(m.sum(axis=red))
+    sum_dy = b(dy.sum(axis=red))
+    sum_dy_xhat = b((dy * x_hat).sum(axis=red))
+    scale = np.asarray(scale, np.float64)
+    dx = b(scale / sigma) * (dy - m * sum_dy / n - m * x_hat * sum_dy_xhat / n)
+    dscale = (dy * x_hat).sum(axis=red)
+    dbias = dy.sum(axis=red)
+    return dx, dscale, dbias
+
+
+def _random_params(rng, feature_shape):
+    scale = (0.5 + rng.random(feature_shape)).astype(np.float32)
+    bias = rng.normal(size=feature_shape).astype(np.float32)
+    return scale, bias
+
+
+def _data(rng, shape, axis, loc_scale=3.0):
+    """float32 data whose per-feature mean and std differ (so a wrong axis shows)."""
+    feature_shape = _feature_shape(shape, axis)
+    loc = _broadcast(rng.normal(size=feature_shape) * loc_scale, shape, axis)
+    std = _broadcast(0.5 + 2 * rng.random(feature_shape), shape, axis)
+    return (loc + std * rng.normal(size=shape)).astype(np.float32)
+
+
+def _state(rng, feature_shape, count=3):
+    """A non-trivial running state (not the zeros/ones of init)."""
+    return jaxbn.BatchStats(
+        mean=jnp.asarray(rng.normal(size=feature_shape), jnp.float32),
+        var=jnp.asarray(0.5 + rng.random(feature_shape), jnp.float32),
+        count=jnp.asarray(count, jnp.int32),
+    )
+
+
+def _assert_bits_equal(a, b):
+    a, b = np.atleast_1d(np.asarray(a)), np.atleast_1d(np.asarray(b))
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+SHAPES_AXES = [
+    pytest.param((32, 5), -1, id="NC"),
+    pytest.param((4, 6, 6, 3), -1, id="NHWC"),
+    pytest.param((4, 3, 6, 6), 1, id="NCHW"),
+    pytest.param((4, 3, 5, 6), (1, 2), id="features(1,2)"),
+    pytest.param((6, 4, 3), (-2, -1), id="features(time,channel)"),
+    pytest.param((3, 4, 5, 2), (1, 3), id="features(1,3)-non-contiguous"),
+    pytest.param((5, 24), 0, id="features-first"),
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training outputs
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("shape", "axis"), SHAPES_AXES)
+def test_training_matches_float64_reference(shape, axis):
+    # momentum=0.0 makes the new running statistics the batch statistics themselves.
+    rng = np.random.default_rng(0)
+    x = _data(rng, shape, axis)
+    feature_shape = _feature_shape(shape, axis)
+    scale, bias = _random_params(rng, feature_shape)
+    _, state = jaxbn.init(feature_shape)
+    y, new = batch_norm(
+        x, {"scale": scale, "bias": bias}, state, training=True, axis=axis, momentum=0.0
+    )
+    expected, mean, var = ref_train(x, axis, scale, bias)
+    assert y.shape == x.shape and y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(new.mean), mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(new.var), var, rtol=1e-5)
+
+
+AFFINE_CASES = [
+    pytest.param(None, id="params=None"),
+    pytest.param({}, id="params={}"),
+    pytest.param({"scale": True}, id="scale-only"),
+    pytest.param({"bias": True}, id="bias-only"),
+    pytest.param({"scale": True, "bias": None}, id="bias=None"),
+    pytest.param({"scale": None, "bias": True}, id="scale=None"),
+]
+
+
+@pytest.mark.parametrize("which", AFFINE_CASES)
+def test_partial_or_missing_affine_params(which):
+    rng = np.random.default_rng(2)
+    x = _data(rng, (16, 4, 3), -1)
+    scale, bias = _random_params(rng, (3,))
+    _, state = jaxbn.init(3)
+    if which is None:
+        params = None
+    else:
+        params = {
+            key: (None if on is None else {"scale": scale, "bias": bias}[key])
+            for key, on in which.items()
+        }
+    use = params or {}
+    y, _ = batch_norm(x, params, state, training=True)
+    expected, _, _ = ref_train(x, -1, use.get("scale"), use.get("bias"))
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradients against the analytic formula
+# ----------------------------------------------------------------------------------------------
+
+
+def _grads(x, dy, scale, bias, axis, mask=None):
+    def loss(x, scale, bias):
+        y, _ = batch_norm(
+            x, {"scale": scale, "bias": bias}, state, training=True, axis=axis, mask=mask
+        )
+        return jnp.sum(y * dy)
+
+    _, state = jaxbn.init(scale.shape)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, scale, bias)
+
+
+def _assert_grads_close(got, expected):
+    for g, e, name in zip(got, expected, ("dx", "dscale", "dbias"), strict=True):
+        tol = 1e-4 * np.max(np.abs(e))
+        np.testing.assert_allclose(np.asarray(g), e, rtol=1e-4, atol=tol, err_msg=name)
+
+
+@pytest.mark.parametrize(("shape", "axis"), SHAPES_AXES[:5])
+def test_gradients_match_analytic_formula(shape, axis):
+    rng = np.random.default_rng(3)
+    x = _data(rng, shape, axis)
+    dy = rng.normal(size=shape).astype(np.float32)
+    scale, bias = _random_params(rng, _feature_shape(shape, axis))
+    got = _grads(x, dy, scale, bias, axis)
+    _assert_grads_close(got, ref_grads(x, dy, axis, scale))
+
+
+@pytest.mark.parametrize(
+    ("shape", "mask_shape"),
+    [
+        pytest.param((24, 4), (24, 1), id="(N,1)"),
+        pytest.param((24, 4), (24, 4), id="(N,C)"),
+        pytest.param((6, 5, 4), (6, 5, 4), id="full"),
+    ],
+)
+def test_gradients_with_mask_match_analytic_formula(shape, mask_shape):
+    rng = np.random.default_rng(4)
+    x = _data(rng, shape, -1)
+    dy = rng.normal(size=shape).astype(np.float32)
+    scale, bias = _random_params(rng, (shape[-1],))
+    mask = _random_mask(rng, mask_shape)
+    got = _grads(x, dy, scale, bias, -1, jnp.asarray(mask))
+    expected = ref_grads(x, dy, -1, scale, mask)
+    _assert_grads_close(got, expected)
+
+
+def test_masked_out_entries_get_only_the_direct_gradient():
+    # One idea, stated on its own: a masked-out entry does not feed the statistics, so its
+    # gradient is exactly dy * scale / σ.
+    rng = np.random.default_rng(5)
+    x = _data(rng, (20, 3), -1)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    scale, bias = _random_params(rng, (3,))
+    mask = np.ones((20, 1), bool)
+    mask[15:] = False
+    dx, _, _ = _grads(x, dy, scale, bias, -1, jnp.asarray(mask))
+    _, var = ref_moments(x, -1, mask)
+    direct = dy[15:] * scale / np.sqrt(var + EPS)
+    np.testing.assert_allclose(np.asarray(dx)[15:], direct, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running statistics: EMA, cumulative average, count
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9, 0.99])
+def test_ema_update_over_several_steps(momentum):
+    rng = np.random.default_rng(6)
+    _, state = jaxbn.init(4)
+    mean, var = np.zeros(4), np.ones(4)
+    for _ in range(5):
+        x = _data(rng, (16, 4), -1)
+        _, state = batch_norm(x, None, state, training=True, momentum=momentum)
+        batch_mean, batch_var = ref_moments(x, -1)  # biased variance
+        mean = momentum * mean + (1 - momentum) * batch_mean
+        var = momentum * var + (1 - momentum) * batch_var
+        np.testing.assert_allclose(np.asarray(state.mean), mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(state.var), var, rtol=1e-5, atol=1e-6)
+
+
+def test_running_variance_is_biased():
+    # Two entries per feature: biased variance d²/4, unbiased d²/2 -- a factor 2 apart.
+    x = np.array([[1.0, -3.0], [3.0, 5.0]], np.float32)
+    _, state = jaxbn.init(2)
+    _, new = batch_norm(x, None, state, training=True, momentum=0.0)
+    np.testing.assert_allclose(np.asarray(new.var), [1.0, 16.0], rtol=1e-6)
+
+
+def test_cumulative_average_with_momentum_none():
+    # torch's momentum=None: the k-th batch is merged with weight 1/k, so after K batches the
+    # running statistics are the plain (unweighted) average of the K batch statistics, whatever
+    # the batch sizes and whatever the initial state.
+    rng = np.random.default_rng(7)
+    state = _state(rng, (3,), count=0)
+    means, variances = [], []
+    for size in (8, 20, 5, 13):
+        x = _data(rng, (size, 3), -1)
+        _, state = batch_norm(x, None, state, training=True, momentum=None)
+        m, v = ref_moments(x, -1)
+        means.append(m)
+        variances.append(v)
+        np.testing.assert_allclose(np.asarray(state.mean), np.mean(means, 0), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(state.var), np.mean(variances, 0), rtol=1e-5)
+    assert int(state.count) == 4
+
+
+@pytest.mark.parametrize("momentum", [0.9, None])
+def test_count_increments_once_per_training_step(momentum):
+    rng = np.random.default_rng(8)
+    _, state = jaxbn.init(2)
+    for step in range(1, 4):
+        _, state = batch_norm(_data(rng, (8, 2), -1), None, state, training=True, momentum=momentum)
+        assert int(state.count) == step
+
+
+# ----------------------------------------------------------------------------------------------
+# Eval mode
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("shape", "axis"), SHAPES_AXES)
+def test_eval_uses_running_statistics(shape, axis):
+    rng = np.random.default_rng(9)
+    x = _data(rng, shape, axis)
+    feature_shape = _feature_shape(shape, axis)
+    scale, bias = _random_params(rng, feature_shape)
+    state = _state(rng, feature_shape)
+    y, _ = batch_norm(x, {"scale": scale, "bias": bias}, state, training=False, axis=axis)
+    expected = ref_normalize(x, state.mean, state.var, axis, scale, bias)
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_returns_the_same_state_object():
+    rng = np.random.default_rng(10)
+    state = _state(rng, (3,))
+    _, new = jaxbn.batch_norm(_data(rng, (8, 3), -1), None, state, training=False)
+    assert new is state
+
+
+def test_eval_ignores_mask():
+    rng = np.random.default_rng(11)
+    x = _data(rng, (10, 3), -1)
+    state = _state(rng, (3,))
+    mask = _random_mask(rng, (10, 1))
+    y_masked, _ = batch_norm(x, None, state, training=False, mask=mask)
+    expected = ref_normalize(x, state.mean, state.var, -1)
+    np.testing.assert_allclose(np.asarray(y_masked), expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks
+# ----------------------------------------------------------------------------------------------
+
+
+def _random_mask(rng, shape):
+    """A bool mask with the first two rows True (so every feature has ≥ 2 valid entries)."""
+    mask = rng.random(shape) < 0.6
+    mask[:2] = True
+    return mask
+
+
+MASK_CASES = [
+    pytest.param((16, 5), (16, 1), id="x(N,C)-mask(N,1)"),
+    pytest.param((16, 5), (16, 5), id="x(N,C)-mask(N,C)"),
+    pytest.param((8, 6, 5), (8, 1, 1), id="x(N,T,C)-mask(N,1,1)"),
+    pytest.param((8, 6, 5), (8, 6, 1), id="x(N,T,C)-mask(N,T,1)"),
+    pytest.param((8, 6, 5), (8, 6, 5), id="x(N,T,C)-mask-full"),
+]
+
+
+@pytest.mark.parametrize(("shape", "mask_shape"), MASK_CASES)
+def test_mask_statistics_count_only_true_entries(shape, mask_shape):
+    rng = np.random.default_rng(12)
+    x = _data(rng, shape, -1)
+    mask = _random_mask(rng, mask_shape)
+    # Masked-out entries hold garbage: if they leaked into the statistics it would show.
+    x = np.where(np.broadcast_to(mask, shape), x, np.float32(1e4))
+    scale, bias = _random_params(rng, (shape[-1],))
+    _, state = jaxbn.init(shape[-1])
+    y, new = batch_norm(
+        x, {"scale": scale, "bias": bias}, state, training=True, momentum=0.0, mask=mask
+    )
+    expected, mean, var = ref_train(x, -1, scale, bias, mask)
+    valid = np.broadcast_to(mask, shape)
+    np.testing.assert_allclose(np.asarray(new.mean), mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(new.var), var, rtol=1e-4)
+    # Every entry is normalized with the valid entries' statistics (masked ones are huge).
+    np.testing.assert_allclose(np.asarray(y)[valid], expected[valid], rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(y)[~valid], expected[~valid], rtol=1e-5)
+
+
+def test_feature_with_every_entry_masked_keeps_its_running_statistics():
+    rng = np.random.default_rng(13)
+    x = _data(rng, (12, 3), -1)
+    mask = np.ones((12, 3), bool)
+    mask[:, 1] = False
+    state = _state(rng, (3,))
+    y, new = batch_norm(x, None, state, training=True, momentum=0.9, mask=mask)
+    assert np.all(np.isfinite(np.asarray(y)))
+    _assert_bits_equal(new.mean[1], state.mean[1])
+    _assert_bits_equal(new.var[1], state.var[1])
+    batch_mean, batch_var = ref_moments(x[:, [0, 2]], -1)
+    np.testing.assert_allclose(
+        np.asarray(new.mean)[[0, 2]],
+        0.9 * np.asarray(state.mean)[[0, 2]] + 0.1 * batch_mean,
+        rtol=1e-5,
+    )
+    np.testing.assert_allclose(
+        np.asarray(new.var)[[0, 2]],
+        0.9 * np.asarray(state.var)[[0, 2]] + 0.1 * batch_var,
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("momentum", [0.9, None])
+def test_whole_batch_masked_gives_finite_output_and_keeps_statistics(momentum):
+    rng = np.random.default_rng(14)
+    x = _data(rng, (10, 3), -1)
+    state = _state(rng, (3,))
+    y, new = batch_norm(
+        x, None, state, training=True, momentum=momentum, mask=np.zeros((10, 1), bool)
+    )
+    assert np.all(np.isfinite(np.asarray(y)))
+    _assert_bits_equal(new.mean, state.mean)
+    _assert_bits_equal(new.var, state.var)
+
+
+@pytest.mark.parametrize("momentum", [0.9, None])
+def test_whole_batch_masked_is_not_counted(momentum):
+    # BatchStats.count is "the number of batches merged into mean/var"; a batch with no valid
+    # entry merges nothing, so it must not be counted (with momentum=None the count sets the
+    # weight 1/k of the next batch).
+    rng = np.random.default_rng(15)
+    state = _state(rng, (3,), count=2)
+    _, new = batch_norm(
+        _data(rng, (10, 3), -1),
+        None,
+        state,
+        training=True,
+        momentum=momentum,
+        mask=np.zeros((10, 1), bool),
+    )
+    assert int(new.count) == 2
+
+
+def test_cumulative_average_skips_a_fully_masked_batch():
+    # momentum=None after a fully masked batch: the running statistics are still the plain
+    # average of the batches that had data.
+    rng = np.random.default_rng(16)
+    _, state = jaxbn.init(3)
+    x1, x2 = _data(rng, (10, 3), -1), _data(rng, (10, 3), -1)
+    _, state = batch_norm(x1, None, state, training=True, momentum=None)
+    _, state = batch_norm(
+        x2, None, state, training=True, momentum=None, mask=np.zeros((10, 1), bool)
+    )
+    x3 = _data(rng, (10, 3), -1)
+    _, state = batch_norm(x3, None, state, training=True, momentum=None)
+    expected = (ref_moments(x1, -1)[0] + ref_moments(x3, -1)[0]) / 2
+    np.testing.assert_allclose(np.asarray(state.mean), expected, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Accuracy when |mean| >> std
+# ----------------------------------------------------------------------------------------------
+
+
+def _flax_batch_variance(x: np.ndarray) -> np.ndarray:
+    """flax.linen.BatchNorm's batch variance with its defaults (use_fast_variance=True)."""
+    module = nn.BatchNorm(use_running_average=False, momentum=0.0, axis=-1)
+    with jax.numpy_dtype_promotion("standard"):
+        variables = module.init(jax.random.key(0), x)
+        _, updates = module.apply(variables, x, mutable=["batch_stats"])
+    return np.asarray(updates["batch_stats"]["var"], np.float64)
+
+
+@pytest.mark.parametrize("shape", [(1024, 8), (64, 16, 16, 8)], ids=["(1024,8)", "conv"])
+def test_variance_accurate_when_mean_is_large(shape):
+    rng = np.random.default_rng(17)
+    x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
+    _, true_var = ref_moments(x, -1)  # float64 on the very same float32 values
+    _, state = jaxbn.init(8)
+    _, new = batch_norm(x, None, state, training=True, momentum=0.0)
+    jaxbn_error = np.max(np.abs(np.asarray(new.var, np.float64) - true_var) / true_var)
+    flax_error = np.max(np.abs(_flax_batch_variance(x) - true_var) / true_var)
+    message = (
+        f"shape {shape}, mean 1e4, std 1: max relative error of the batch variance "
+        f"jaxbn {jaxbn_error:.3g}, flax.linen.BatchNorm (use_fast_variance=True) {flax_error:.3g}"
+    )
+    print(message)
+    assert jaxbn_error < 1e-3, message
+    assert flax_error > 1e-1, message
+
+
+# ----------------------------------------------------------------------------------------------
+# Dtypes
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(
+    ("dtype", "tol"), [(jnp.float16, 1e-3), (jnp.bfloat16, 8e-3)], ids=["float16", "bfloat16"]
+)
+def test_low_precision_input(dtype, tol, training):
+    rng = np.random.default_rng(18)
+    x = jnp.asarray(_data(rng, (64, 4), -1, loc_scale=5.0), dtype)
+    scale, bias = _random_params(rng, (4,))
+    state = _state(rng, (4,))
+    y, new = batch_norm(x, {"scale": scale, "bias": bias}, state, training=training, momentum=0.0)
+    assert y.dtype == dtype
+    assert jax.tree.map(jax.typeof, new) == jax.tree.map(jax.typeof, state)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)  # the values jaxbn actually received
+    if training:
+        expected, mean, var = ref_train(x64, -1, scale, bias)
+        # Statistics in float32: far tighter than a float16/bfloat16 reduction could be.
+        np.testing.assert_allclose(np.asarray(new.mean), mean, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(new.var), var, rtol=1e-5)
+    else:
+        expected = ref_normalize(x64, state.mean, state.var, -1, scale, bias)
+    # Only the final rounding to `dtype` separates y from the exact value.
+    np.testing.assert_allclose(np.asarray(y.astype(jnp.float32)), expected, rtol=tol, atol=tol)
+
+
+def test_float64_input_with_float64_state():
+    rng = np.random.default_rng(19)
+    x_np = rng.normal(3.0, 2.0, size=(32, 3))
+    with jax.enable_x64(True):
+        params, state = jaxbn.init(3, jnp.float64)
+        y, new = batch_norm(jnp.asarray(x_np), params, state, training=True, momentum=0.0)
+        assert y.dtype == jnp.float64 and new.mean.dtype == jnp.float64
+        expected, _, var = ref_train(x_np, -1)
+        np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(new.var), var, rtol=1e-12)
+
+
+def test_float64_input_keeps_a_float32_state():
+    # The state's dtype is fixed at init (float32 by default); float64 input must not change it,
+    # and must work under strict dtype promotion (tests/conftest.py).
+    rng = np.random.default_rng(20)
+    x_np = rng.normal(3.0, 2.0, size=(32, 3))
+    params, state = jaxbn.init(3)
+    with jax.enable_x64(True):
+        y, new = batch_norm(jnp.asarray(x_np), params, state, training=True, momentum=0.0)
+        assert y.dtype == jnp.float64
+        assert jax.tree.map(jax.typeof, new) == jax.tree.map(jax.typeof, state)
+        _, _, var = ref_train(x_np, -1)
+        np.testing.assert_allclose(np.asarray(new.var), var, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite batches
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("momentum", [0.9, None])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_non_finite_batch_leaves_state_unchanged(bad, momentum):
+    rng = np.random.default_rng(21)
+    x = _data(rng, (8, 3), -1)
+    x[3, 1] = bad
+    state = _state(rng, (3,), count=2)
+    _, new = batch_norm(x, None, state, training=True, momentum=momentum)
+    _assert_bits_equal(new.mean, state.mean)
+    _assert_bits_equal(new.var, state.var)
+    assert int(new.count) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# State type stability and init
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dtype", "momentum"), [(jnp.float32, 0.9), (jnp.float16, None), (jnp.bfloat16, 0.9)]
+)
+def test_training_never_changes_the_state_type(dtype, momentum):
+    rng = np.random.default_rng(22)
+    _, s0 = jaxbn.init((3, 2))
+    x = jnp.asarray(_data(rng, (5, 3, 2), (1, 2)), dtype)
+    _, s1 = batch_norm(
+        x,
+        None,
+        s0,
+        training=True,
+        axis=(1, 2),
+        momentum=momentum,
+        mask=_random_mask(rng, (5, 1, 1)),
+    )
+    assert jax.tree.map(jax.typeof, s0) == jax.tree.map(jax.typeof, s1)
+
+
+@pytest.mark.parametrize(
+    ("feature_shape", "expected"), [(5, (5,)), ((3, 4), (3, 4))], ids=["int", "tuple"]
+)
+def test_init_works_under_eval_shape(feature_shape, expected):
+    params, state = jax.eval_shape(functools.partial(jaxbn.init, feature_shape))
+    assert params["scale"] == jax.ShapeDtypeStruct(expected, jnp.float32)
+    assert params["bias"] == jax.ShapeDtypeStruct(expected, jnp.float32)
+    assert state.mean == jax.ShapeDtypeStruct(expected, jnp.float32)
+    assert state.var == jax.ShapeDtypeStruct(expected, jnp.float32)
+    assert state.count == jax.ShapeDtypeStruct((), jnp.int32)
+
+
+def test_init_values():
+    params, state = jaxbn.init(3, jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(params["scale"], np.float32), np.ones(3))
+    np.testing.assert_array_equal(np.asarray(params["bias"], np.float32), np.zeros(3))
+    assert params["scale"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(state.mean), np.zeros(3))
+    np.testing.assert_array_equal(np.asarray(state.var), np.ones(3))
+    assert state.mean.dtype == state.var.dtype == jnp.float32  # statistics ≥ float32
+    assert int(state.count) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformations
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_jit_matches_reference(training):
+    rng = np.random.default_rng(23)
+    x = _data(rng, (4, 3, 6, 6), 1)
+    scale, bias = _random_params(rng, (3,))
+    state = _state(rng, (3,))
+    step = jax.jit(
+        functools.partial(jaxbn.batch_norm, axis=1, momentum=0.0),
+        static_argnames="training",
+    )
+    y, new = step(x, {"scale": scale, "bias": bias}, state, training=training)
+    if training:
+        expected, _, var = ref_train(x, 1, scale, bias)
+        np.testing.assert_allclose(np.asarray(new.var), var, rtol=1e-5)
+    else:
+        expected = ref_normalize(x, state.mean, state.var, 1, scale, bias)
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=2e-5)
+
+
+def test_jit_does_not_retrace_when_the_state_is_fed_back():
+    traces = []
+
+    @functools.partial(jax.jit, static_argnames="training")
+    def step(x, state, training):
+        traces.append(None)
+        return jaxbn.batch_norm(x, None, state, training=training, momentum=None)
+
+    rng = np.random.default_rng(24)
+    _, state = jaxbn.init(3)
+    for _ in range(3):
+        _, state = step(_data(rng, (8, 3), -1), state, training=True)
+    assert len(traces) == 1
+    assert int(state.count) == 3
+
+
+def test_vmap_normalizes_each_slice_independently():
+    rng = np.random.default_rng(25)
+    x = np.stack([_data(rng, (16, 4), -1) for _ in range(3)])  # [slice, N, C]
+    scale, bias = _random_params(rng, (4,))
+    _, state = jaxbn.init(4)
+    y, new = jax.vmap(
+        lambda xs: jaxbn.batch_norm(
+            xs, {"scale": scale, "bias": bias}, state, training=True, momentum=0.9
+        )
+    )(x)
+    for i in range(3):
+        expected, mean, var = ref_train(x[i], -1, scale, bias)
+        np.testing.assert_allclose(np.asarray(y[i]), expected, rtol=1e-5, atol=2e-5)
+        np.testing.assert_allclose(np.asarray(new.mean[i]), 0.1 * mean, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(new.var[i]), 0.9 + 0.1 * var, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(new.count), [1, 1, 1])
+
+
+def test_scan_with_the_state_as_carry():
+    rng = np.random.default_rng(26)
+    xs = np.stack([_data(rng, (12, 3), -1) for _ in range(5)])  # [step, N, C]
+
+    def body(state, x):
+        y, state = jaxbn.batch_norm(x, None, state, training=True, momentum=0.8)
+        return state, y
+
+    _, state0 = jaxbn.init(3)
+    state, ys = jax.lax.scan(body, state0, xs)
+    mean, var = np.zeros(3), np.ones(3)
+    for i in range(5):
+        expected, batch_mean, batch_var = ref_train(xs[i], -1)
+        np.testing.assert_allclose(np.asarray(ys[i]), expected, rtol=1e-5, atol=2e-5)
+        mean = 0.8 * mean + 0.2 * batch_mean
+        var = 0.8 * var + 0.2 * batch_var
+    np.testing.assert_allclose(np.asarray(state.mean), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(state.var), var, rtol=1e-5)
+    assert int(state.count) == 5
+
+
+def test_no_gradient_flows_into_the_new_state():
+    rng = np.random.default_rng(27)
+    x = _data(rng, (8, 3), -1)
+    _, state = jaxbn.init(3)
+
+    def running_mean_sum(x):
+        _, new = batch_norm(x, None, state, training=True, momentum=0.0)
+        return jnp.sum(new.mean)
+
+    np.testing.assert_array_equal(np.asarray(jax.grad(running_mean_sum)(x)), np.zeros(x.shape))

@@ -1,0 +1,242 @@
+"""Every bad input raises a clear error that names the argument, eagerly and at trace time."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbn
+
+C = 3
+
+
+def _args(**overrides):
+    """Valid arguments for a (4, 5, 3) NHWC-like input, with some replaced."""
+    params, state = jaxbn.init(C)
+    args = {
+        "x": jnp.ones((4, 5, C), jnp.float32),
+        "params": params,
+        "state": state,
+        "training": True,
+    }
+    args.update(overrides)
+    return args
+
+
+def _call(**overrides):
+    args = _args(**overrides)
+    return jaxbn.batch_norm(args.pop("x"), args.pop("params"), args.pop("state"), **args)
+
+
+def _with_params(**entries):
+    params, _ = jaxbn.init(C)
+    return {**params, **entries}
+
+
+def _with_state(**fields):
+    _, state = jaxbn.init(C)
+    return state._replace(**fields)
+
+
+# (overrides, exception type, regex the message must match). Each regex names the argument in
+# backticks and, where it makes sense, the value that was given.
+BAD_INPUTS = {
+    "training=None": ({"training": None}, TypeError, r"`training`.*NoneType None"),
+    "training=jnp-array": ({"training": jnp.array(True)}, TypeError, r"`training`.*static"),
+    "training=int": ({"training": 1}, TypeError, r"`training`.*int 1"),
+    "x-int32": ({"x": jnp.ones((4, 5, C), jnp.int32)}, TypeError, r"`x`.*int32"),
+    "x-bool": ({"x": jnp.ones((4, 5, C), jnp.bool_)}, TypeError, r"`x`.*bool"),
+    "params-scale-size": (
+        {"params": _with_params(scale=jnp.ones(C + 1))},
+        ValueError,
+        r'`params\["scale"\]`.*\(3,\).*got shape \(4,\)',
+    ),
+    "params-bias-size": (
+        {"params": _with_params(bias=jnp.zeros((1, C)))},
+        ValueError,
+        r'`params\["bias"\]`.*\(3,\).*got shape \(1, 3\)',
+    ),
+    "state-mean-size": (
+        {"state": _with_state(mean=jnp.zeros(C + 2))},
+        ValueError,
+        r"`state\.mean`.*\(3,\).*got shape \(5,\)",
+    ),
+    "state-var-size": (
+        {"state": _with_state(var=jnp.ones(C - 1))},
+        ValueError,
+        r"`state\.var`.*\(3,\).*got shape \(2,\)",
+    ),
+    "axis=3-out-of-range": ({"axis": 3}, ValueError, r"`axis`.*\[-3, 3\).*got 3"),
+    "axis=-4-out-of-range": ({"axis": -4}, ValueError, r"`axis`.*\[-3, 3\).*got -4"),
+    "axis-tuple-out-of-range": ({"axis": (1, 5)}, ValueError, r"`axis`.*got \(1, 5\)"),
+    "axis-repeated": ({"axis": (1, -2)}, ValueError, r"`axis`.*twice.*\(1, -2\)"),
+    "axis=1.0": ({"axis": 1.0}, TypeError, r"`axis`.*got 1\.0"),
+    "axis='a'": ({"axis": "a"}, TypeError, r"`axis`.*got 'a'"),
+    "axis=True": ({"axis": True}, TypeError, r"`axis`.*got True"),
+    "axis=()": ({"axis": ()}, TypeError, r"`axis`.*got \(\)"),
+    "axis=None": ({"axis": None}, TypeError, r"`axis`.*got None"),
+    "momentum=1.0": ({"momentum": 1.0}, ValueError, r"`momentum`.*\[0, 1\).*got 1\.0"),
+    "momentum=-0.1": ({"momentum": -0.1}, ValueError, r"`momentum`.*got -0\.1"),
+    "momentum=1.5": ({"momentum": 1.5}, ValueError, r"`momentum`.*got 1\.5"),
+    "epsilon=0": ({"epsilon": 0}, ValueError, r"`epsilon`.*> 0.*got 0"),
+    "epsilon=-1": ({"epsilon": -1.0}, ValueError, r"`epsilon`.*got -1\.0"),
+    "mask-not-broadcastable": (
+        {"mask": jnp.ones((4, 5, 2), jnp.bool_)},
+        ValueError,
+        r"`mask`.*\(4, 5, 3\).*got shape \(4, 5, 2\)",
+    ),
+    "mask-broadcasts-larger": (
+        {"mask": jnp.ones((2, 4, 5, C), jnp.bool_)},
+        ValueError,
+        r"`mask`.*got shape \(2, 4, 5, 3\)",
+    ),
+    "mask-int": ({"mask": jnp.ones((4, 1, 1), jnp.int32)}, TypeError, r"`mask`.*int32"),
+    "mask-float": ({"mask": jnp.ones((4, 5, C), jnp.float32)}, TypeError, r"`mask`.*float32"),
+    "state-dict": (
+        {"state": {"mean": jnp.zeros(C), "var": jnp.ones(C), "count": jnp.zeros((), jnp.int32)}},
+        TypeError,
+        r"`state`.*BatchStats.*got dict",
+    ),
+    "params-unknown-key": (
+        {"params": _with_params(offset=jnp.zeros(C))},
+        ValueError,
+        r"`params`.*\['offset'\]",
+    ),
+    "axis_index_groups-without-axis_name": (
+        {"axis_index_groups": [[0, 1], [2, 3]]},
+        ValueError,
+        r"`axis_index_groups`.*`axis_name`",
+    ),
+    "every-axis-a-feature": (
+        {
+            "x": jnp.ones((4, C), jnp.float32),
+            "axis": (0, 1),
+            "params": None,
+            "state": jaxbn.init((4, C))[1],
+        },
+        ValueError,
+        r"`axis`.*every axis.*`axis_name`",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"), list(BAD_INPUTS.values()), ids=list(BAD_INPUTS)
+)
+def test_bad_input_raises(overrides, error, match):
+    with pytest.raises(error, match=match):
+        _call(**overrides)
+
+
+# Errors that a jitted caller gets when tracing: the static configuration is closed over
+# (`training`, `axis`, `momentum`, `epsilon`) and the arrays are traced arguments.
+TRACE_TIME = [
+    "x-int32",
+    "x-bool",
+    "params-scale-size",
+    "params-bias-size",
+    "state-mean-size",
+    "state-var-size",
+    "axis=3-out-of-range",
+    "axis-repeated",
+    "axis=1.0",
+    "momentum=1.0",
+    "epsilon=0",
+    "mask-not-broadcastable",
+    "mask-int",
+    "params-unknown-key",
+    "axis_index_groups-without-axis_name",
+    "every-axis-a-feature",
+]
+
+
+@pytest.mark.parametrize("case", TRACE_TIME)
+def test_bad_input_raises_at_trace_time_under_jit(case):
+    overrides, error, match = BAD_INPUTS[case]
+    args = _args(**overrides)
+    arrays = {k: args.pop(k) for k in ("x", "params", "state", "mask") if k in args}
+    calls = []
+
+    def f(arrays):
+        calls.append(None)
+        return jaxbn.batch_norm(
+            arrays["x"], arrays["params"], arrays["state"], mask=arrays.get("mask"), **args
+        )
+
+    with pytest.raises(error, match=match):
+        jax.jit(f).trace(arrays)  # raised while tracing: nothing is compiled or run
+    with pytest.raises(error, match=match):
+        jax.jit(f)(arrays)
+    assert len(calls) == 2
+
+
+def test_traced_mask_is_checked_too():
+    # Guard against the check above passing only because the mask was concrete.
+    with pytest.raises(TypeError, match=r"`mask`"):
+        jax.jit(lambda m: _call(mask=m))(jnp.ones((4, 1, 1), jnp.int32))
+    y, _ = jax.jit(lambda m: _call(mask=m))(jnp.ones((4, 1, 1), jnp.bool_))
+    assert y.shape == (4, 5, C)
+
+
+@pytest.mark.parametrize("axis_name", ["batch", ("data", "model")])
+def test_unbound_axis_name_raises_a_name_error_that_says_how_to_bind_it(axis_name):
+    with pytest.raises(NameError, match=r"`axis_name`") as info:
+        _call(axis_name=axis_name)
+    message = str(info.value)
+    for transform in ("shard_map", "pmap", "vmap"):
+        assert transform in message, message
+
+
+def test_unbound_axis_name_raises_at_trace_time_under_jit():
+    with pytest.raises(NameError, match=r"`axis_name` 'batch'.*shard_map.*pmap.*vmap"):
+        jax.jit(lambda x: _call(x=x, axis_name="batch"))(jnp.ones((4, 5, C)))
+
+
+def test_bound_axis_name_is_accepted():
+    # The counterpart of the unbound case: inside vmap(axis_name=...) the same call works.
+    x = jnp.ones((2, 4, 5, C))
+    y, _ = jax.vmap(lambda xs: _call(x=xs, axis_name="batch"), axis_name="batch")(x)
+    assert y.shape == x.shape
+
+
+def test_eval_does_not_require_a_bound_axis_name():
+    # axis_name only matters for batch statistics; eval mode never synchronizes.
+    y, _ = _call(training=False, axis_name="batch")
+    np.testing.assert_allclose(np.asarray(y), np.ones((4, 5, C)) / np.sqrt(1 + 1e-5), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# jaxbn.init
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("feature_shape", "error", "match"),
+    [
+        (0, ValueError, r"`feature_shape`.*positive.*\(0,\)"),
+        (-3, ValueError, r"`feature_shape`.*positive.*\(-3,\)"),
+        ((4, 0), ValueError, r"`feature_shape`.*positive.*\(4, 0\)"),
+        ("a", TypeError, r"`feature_shape`.*got 'a'"),
+        (2.0, TypeError, r"`feature_shape`.*got 2\.0"),
+        ((2, "b"), TypeError, r"`feature_shape`.*got \(2, 'b'\)"),
+    ],
+    ids=["0", "-3", "(4,0)", "'a'", "2.0", "(2,'b')"],
+)
+def test_init_rejects_bad_feature_shape(feature_shape, error, match):
+    with pytest.raises(error, match=match):
+        jaxbn.init(feature_shape)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, np.uint8], ids=["int32", "bool", "uint8"])
+def test_init_rejects_non_floating_dtype(dtype):
+    with pytest.raises(TypeError, match=r"`dtype`.*floating.*got " + np.dtype(dtype).name):
+        jaxbn.init(3, dtype)
+
+
+def test_init_errors_raise_under_eval_shape():
+    with pytest.raises(ValueError, match=r"`feature_shape`"):
+        jax.eval_shape(functools.partial(jaxbn.init, 0))
