@@ -172,23 +172,25 @@ def run_claims(claim_ids: list[str], args: argparse.Namespace, command: str) -> 
                      "verdict": "inconclusive", "error": traceback.format_exc()}
         entry["runtime_s"] = time.perf_counter() - tic
         entries[claim_id] = entry
+        if jax.process_index() == 0:  # after every claim, so an interrupted suite keeps results
+            meta = {
+                "command": command,
+                "mode": "quick" if settings.quick else "full",
+                "seeds": len(settings.seed_list),
+                "dataset": settings.default_dataset(),
+                "device_count": jax.device_count(),
+                "process_count": jax.process_count(),
+                "jax_version": jax.__version__,
+                "runtime_s": time.perf_counter() - started,
+                "budget": settings.budget,
+                "complete": len(entries) == len(claim_ids),
+            }
+            report.write_results(out, entries, meta)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     if jax.process_index() == 0:
-        meta = {
-            "command": command,
-            "mode": "quick" if settings.quick else "full",
-            "seeds": len(settings.seed_list),
-            "dataset": settings.default_dataset(),
-            "device_count": jax.device_count(),
-            "process_count": jax.process_count(),
-            "jax_version": jax.__version__,
-            "runtime_s": time.perf_counter() - started,
-            "budget": settings.budget,
-        }
-        report.write_results(out, entries, meta)
         path = report.write_report(out)
         print(report.verdict_table(report.load_results(out)))
         print(f"\nreport: {path}")

@@ -118,7 +118,8 @@ def write_report(out: str) -> str:
         ]
         if c.get("notes"):
             lines.append(f"- Notes: {c['notes']}")
-        lines.append(f"- Runtime: {_fmt(c.get('runtime_s'), 3)} s; runs in `{claim_id}/`.")
+        runs = f"; runs in `{claim_id}/`" if os.path.isdir(os.path.join(out, claim_id)) else ""
+        lines.append(f"- Runtime: {_fmt(c.get('runtime_s'), 3)} s{runs}.")
         lines += ["", f"![{claim_id}]({png})"]
         sections.append("\n".join(lines))
     counts = {v: sum(c["verdict"] == v for c in results["claims"].values()) for v in VERDICTS}

@@ -69,3 +69,11 @@ def plot_curves(ax, steps, arms: dict[str, Any], ylabel: str, target: float | No
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
+
+
+def errorbar(ax, x, values, label: str) -> None:
+    """Mean over seeds with min-max error bars; ``values`` is (len(x), seeds)."""
+    values = np.asarray(values, dtype=np.float64)
+    mean = values.mean(1)
+    yerr = np.maximum(0.0, [mean - values.min(1), values.max(1) - mean])
+    ax.errorbar(x, mean, yerr=yerr, marker="o", capsize=3, label=label)

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 
 from . import entry, finite_or
-from ._common import generic
+from ._common import errorbar, generic
 
 ID = "batch-size"
 CLAIM = "BN is sensitive to the batch size: it degrades with small batches"
@@ -78,8 +78,7 @@ def plot(result, fig):
     sizes = np.asarray(d["batch_sizes"])
     for norm, label in d["norms"].items():
         f = np.asarray(d["final_test_accuracy"][norm], dtype=np.float64)
-        ax.errorbar(sizes, f.mean(1), yerr=[f.mean(1) - f.min(1), f.max(1) - f.mean(1)],
-                    marker="o", capsize=3, label=label)
+        errorbar(ax, sizes, f, label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size (same number of steps)")
     ax.set_ylabel("final test accuracy")

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 
 from . import entry, finite_or
-from ._common import generic
+from ._common import errorbar, generic
 
 ID = "depth"
 CLAIM = "BN improves gradient propagation, so deeper networks train"
@@ -81,8 +81,7 @@ def plot(result, fig):
     depths = np.asarray(d["depths"])
     for norm, label in (("none", "no BN"), ("bn", "BN")):
         f = np.asarray(d["final_test_accuracy"][norm], dtype=np.float64)
-        ax1.errorbar(depths, f.mean(1), yerr=[f.mean(1) - f.min(1), f.max(1) - f.mean(1)],
-                     marker="o", capsize=3, label=label)
+        errorbar(ax1, depths, f, label)
         g = np.asarray(d["grad_norms_at_init_deepest"][norm], dtype=np.float64)
         ax2.semilogy(np.arange(1, len(g) + 1), g, marker=".", label=label)
     ax1.set_xlabel("hidden layers")

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 
 from . import entry, finite_or
-from ._common import generic
+from ._common import errorbar, generic
 
 ID = "initialization"
 CLAIM = "BN reduces the dependence on weight initialization"
@@ -72,8 +72,7 @@ def plot(result, fig):
     scales = np.asarray(d["init_scales"])
     for arm, label in (("none", "no BN"), ("bn", "BN")):
         f = np.asarray(d["final_test_accuracy"][arm], dtype=np.float64)
-        ax.errorbar(scales, f.mean(1), yerr=[f.mean(1) - f.min(1), f.max(1) - f.mean(1)],
-                    marker="o", capsize=3, label=label)
+        errorbar(ax, scales, f, label)
     ax.set_xscale("log")
     ax.set_xlabel("init scale (x LeCun normal)")
     ax.set_ylabel("final test accuracy")
