@@ -136,6 +136,7 @@ def run_claims(claim_ids: list[str], args: argparse.Namespace, command: str) -> 
     from .claims import Context, Settings, load_claim
 
     if args.coordinator:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts only
         jax.distributed.initialize(
             coordinator_address=args.coordinator,
             num_processes=args.num_processes,

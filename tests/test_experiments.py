@@ -249,3 +249,12 @@ def test_cli_run_writes_report_png_and_results(tmp_path, capsys):
     os.remove(out / "convergence.png")
     main(["plot", str(out)])
     assert (out / "convergence.png").exists()
+
+
+def test_tensorboard_event_files_when_tensorboardx_is_installed(tmp_path, digits):
+    pytest.importorskip("tensorboardX")
+    config = dataclasses.replace(TINY, tensorboard=True, steps=20)
+    train_and_evaluate(config, str(tmp_path), dataset=digits)
+    for run in ("run_0", "run_1"):
+        files = os.listdir(tmp_path / "tensorboard" / run)
+        assert any(f.startswith("events.out.tfevents") for f in files)
