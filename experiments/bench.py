@@ -235,10 +235,21 @@ def _mlp_bench(rounds: int, depth: int = 20, width: int = 512, batch: int = 256)
     }
 
 
-def run_bench(quick: bool = False, out: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Runs the benchmark, prints its table and writes ``bench.json`` and ``bench.png``."""
-    rounds = 5 if quick else 15
-    shapes = QUICK_SHAPES if quick else SHAPES
+def run_bench(
+    quick: bool = False,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    shapes: tuple[tuple[str, tuple[int, ...], int, str], ...] | None = None,
+    rounds: int | None = None,
+    mlp: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """Runs the benchmark, prints its table and writes ``bench.json`` and ``bench.png``.
+
+    ``shapes``, ``rounds`` and ``mlp`` (depth/width/batch) override the defaults; the
+    tests use them to run the whole benchmark at toy size.
+    """
+    rounds = rounds or (5 if quick else 15)
+    shapes = shapes or (QUICK_SHAPES if quick else SHAPES)
     results: dict[str, Any] = {
         "device": str(jax.devices()[0]),
         "backend": jax.default_backend(),
@@ -281,10 +292,11 @@ def run_bench(quick: bool = False, out: str | os.PathLike[str] | None = None) ->
     results["collectives_per_layer_shard_map"] = _collectives_subprocess()
     print("collectives per layer under shard_map (8 devices):",
           json.dumps(results["collectives_per_layer_shard_map"]))
-    results["mlp"] = _mlp_bench(rounds)
+    results["mlp"] = _mlp_bench(rounds, **(mlp or {}))
     mlp = results["mlp"]
     print(
-        f"20-layer MLP step: jaxbn {mlp['step_ratio_vs_no_bn']['jaxbn']:.3f}x, flax "
+        f"{mlp['config']['depth']}-layer MLP step: jaxbn "
+        f"{mlp['step_ratio_vs_no_bn']['jaxbn']:.3f}x, flax "
         f"{mlp['step_ratio_vs_no_bn']['flax']:.3f}x of no-BN; compile: jaxbn "
         f"{mlp['compile_ratio_vs_no_bn']['jaxbn']:.2f}x, flax "
         f"{mlp['compile_ratio_vs_no_bn']['flax']:.2f}x"

@@ -1,0 +1,88 @@
+"""The benchmark's exact counters, and the benchmark itself at toy size (no timing asserts)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxbn
+from experiments import bench
+from experiments.hlo import count_collectives, count_passes
+
+SHAPE = (32, 8, 8, 16)
+NUMEL = int(np.prod(SHAPE))
+
+
+def _hlo(fn, *args):
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def test_an_elementwise_op_is_one_read_and_one_write():
+    x = jnp.ones(SHAPE)
+    passes = count_passes(_hlo(lambda x: x * 2.0 + 1.0, x), NUMEL)
+    assert (passes.reads, passes.writes) == (1, 1)
+
+
+def test_a_reduction_is_one_read():
+    x = jnp.ones(SHAPE)
+    passes = count_passes(_hlo(lambda x: jnp.sum(x, axis=(0, 1, 2)), x), NUMEL)
+    assert (passes.reads, passes.writes) == (1, 0)
+
+
+def test_a_slice_counts_its_share_only():
+    x = jnp.ones(SHAPE)
+    passes = count_passes(_hlo(lambda x: jnp.sum(x[:1] * 3.0, axis=(0, 1, 2)), x), NUMEL)
+    assert passes.reads == pytest.approx(1 / SHAPE[0], abs=1e-3)
+
+
+def test_a_float32_copy_of_bfloat16_is_flagged():
+    x = jnp.ones(SHAPE, jnp.bfloat16)
+    passes = count_passes(_hlo(lambda x: x.astype(jnp.float32) * 2.0, x), NUMEL)
+    assert passes.f32_copies == 1
+
+
+def test_eval_is_one_fused_scale_and_shift():
+    params, state = jaxbn.init(SHAPE[-1])
+    x = jnp.ones(SHAPE)
+    hlo = _hlo(lambda x: jaxbn.batch_norm(x, params, state, training=False)[0], x)
+    passes = count_passes(hlo, NUMEL)
+    assert (passes.reads, passes.writes) == (1, 1)
+
+
+def test_collectives_are_counted_once_each():
+    mesh = jax.make_mesh((8,), ("b",))
+    x = jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P("b")))
+    f = jax.shard_map(
+        lambda v: jax.lax.psum(v, "b") + jax.lax.all_gather(v, "b", tiled=True)[:1],
+        mesh=mesh,
+        in_specs=P("b"),
+        out_specs=P("b"),
+        check_vma=False,
+    )
+    counts = count_collectives(_hlo(f, x))
+    assert counts["all-reduce"] == 1
+    assert counts["all-gather"] == 1
+
+
+def test_the_benchmark_runs_at_toy_size(tmp_path):
+    shapes = (("toy", (8, 4), -1, "float32"), ("toy bf16", (4, 2, 2, 4), -1, "bfloat16"))
+    with jax.numpy_dtype_promotion("standard"):
+        results = bench.run_bench(
+            out=tmp_path, shapes=shapes, rounds=1, mlp={"depth": 2, "width": 8, "batch": 4}
+        )
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    assert [row["shape"] for row in saved["layers"]] == ["toy", "toy bf16"]
+    for row in results["layers"]:
+        for mode in bench.MODES:
+            assert row[mode]["x_proxy"]["proxy"] == pytest.approx(1.0)
+            assert set(row[mode]["passes"]) == set(bench.IMPLS)
+    assert saved["collectives_per_layer_shard_map"]["jaxbn"] == {
+        "forward": 1,
+        "forward_backward": 2,
+    }
+    assert set(saved["mlp"]["step_ratio_vs_no_bn"]) == {"jaxbn", "flax"}
