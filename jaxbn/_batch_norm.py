@@ -32,6 +32,9 @@ def batch_norm(
     axis_name: AxisName | None = None,
     axis_index_groups: Any = None,
     mask: ArrayLike | None = None,
+    virtual_batch_size: int | None = None,
+    debias: bool = False,
+    unbiased_running_var: bool = False,
 ) -> tuple[jax.Array, BatchStats]:
     r"""Batch normalization (Ioffe & Szegedy, 2015) as a pure function of explicit state.
 
@@ -62,6 +65,31 @@ def batch_norm(
     ``jax.grad``, ``jax.hessian``); plain forward-mode AD (``jax.jvp``, ``jax.jacfwd``) of
     training mode does not, as for any ``jax.custom_vjp``. Evaluation mode is plain JAX.
 
+    Variants (keyword-only; the defaults are plain batch normalization):
+
+    - ``virtual_batch_size=k`` (ghost batch normalization, Hoffer et al. 2017; keras's
+      ``virtual_batch_size``): the first reduction axis (the batch axis) is split into
+      ``N/k`` consecutive groups of ``k``, and each group is normalized with its own
+      statistics. The running statistics get one update per call, from the mean over the
+      groups of the group means and of the group (biased) variances; with ``mask``, each
+      group's statistics count only its valid entries and a group with none is left out of
+      that mean. Ghost batches are local by construction, so ``axis_name`` is rejected.
+    - ``debias=True``: a zero-debiased EMA (as Adam's and haiku's ``zero_debias``): the
+      ``k``-th accepted batch is merged with weight
+      ``w_k = (1 - momentum) / (1 - momentum**k)`` instead of ``1 - momentum``, so the
+      first batch replaces the initial ``mean=0, var=1`` and the running statistics are
+      unbiased from the first step (``w_k → 1 - momentum`` as ``k`` grows). ``k`` is
+      ``state.count``; the state stays directly usable in evaluation. No effect with
+      ``momentum=None`` (already an unbiased average).
+    - ``unbiased_running_var=True`` (PyTorch parity): the running variance is updated with
+      the unbiased batch variance ``n/(n-1) · σ²_B`` (``n``: valid entries per feature),
+      while the batch is still normalized with the biased ``σ²_B``, exactly as
+      ``torch.nn.BatchNorm`` does. A feature with fewer than 2 valid entries keeps its
+      running variance (its mean is still updated).
+    - A frozen layer for fine-tuning (keras ``trainable=False``, running statistics used
+      and not updated) is ``training=False``: gradients still flow to ``x``, ``scale`` and
+      ``bias``, and the state is returned as given.
+
     Args:
       x: the input, of a floating dtype.
       params: ``{"scale": γ, "bias": β}`` of the feature shape, as made by :func:`init`;
@@ -80,7 +108,13 @@ def batch_norm(
       axis_index_groups: with ``axis_name``, groups of device indices that synchronize among
         themselves only, e.g. ``[[0, 1], [2, 3]]`` (pmap and shard_map).
       mask: bool, broadcastable to ``x``: only True entries count toward the statistics.
-        Every entry is still normalized. Ignored in evaluation.
+        Every entry is still normalized. Ignored in evaluation. A batch with no valid
+        entry (fully masked, or a batch axis of size 0) gives a finite output and leaves
+        the state unchanged.
+      virtual_batch_size: the size of the ghost batches the first reduction axis is split
+        into, or None (one batch). Must divide that axis. Ignored in evaluation.
+      debias: merge the ``k``-th batch with weight ``(1-momentum)/(1-momentum**k)``.
+      unbiased_running_var: update the running variance with the unbiased batch variance.
 
     Returns:
       ``(y, new_state)``: ``y`` of the shape and dtype of ``x``; ``new_state`` of the same
@@ -92,7 +126,9 @@ def batch_norm(
         :class:`BatchStats`, ``mask`` is not bool, or ``axis`` is not an int/tuple.
       ValueError: ``axis`` out of range or repeated, a feature-shape mismatch between ``x``
         and ``params``/``state``, ``momentum`` outside ``[0, 1)``, ``epsilon <= 0``, a mask
-        that does not broadcast to ``x``, or ``axis_index_groups`` without ``axis_name``.
+        that does not broadcast to ``x``, ``axis_index_groups`` without ``axis_name``, or a
+        ``virtual_batch_size`` that is not a positive divisor of the batch axis or comes with
+        ``axis_name``.
       NameError: ``axis_name`` is not bound by an enclosing transformation.
 
     Example:
@@ -107,47 +143,217 @@ def batch_norm(
       True
     """
     with jax.named_scope("jaxbn.batch_norm"):
-        training = _checks.check_training(training)
-        x = jnp.asarray(x)
-        _checks.check_input(x)
-        lay = _checks.with_shape(_checks.layout(x.ndim, axis), x.shape)
-        _checks.check_params(params, lay.feature_shape)
-        _checks.check_state(state, lay.feature_shape)
-        _checks.check_momentum(momentum)
-        _checks.check_epsilon(epsilon)
-        _checks.check_mask(mask, x.shape)
+        x, lay = _check_common(
+            x, params, state, training=training, axis=axis, momentum=momentum,
+            epsilon=epsilon, mask=mask, virtual_batch_size=virtual_batch_size,
+            debias=debias, unbiased_running_var=unbiased_running_var,
+        )
         compute_dtype = _checks.stats_dtype(x.dtype)
 
         if not training:
             y = _normalize(x, state.mean, state.var, params, epsilon, lay, compute_dtype)
             return y, state
 
-        _checks.check_axis_name(axis_name, axis_index_groups)
-        if not lay.reduction_axes and axis_name is None:
-            raise ValueError(
-                f"`axis` {axis!r} makes every axis of `x` (shape {x.shape}) a feature axis, so "
-                f"training has no batch to take statistics over. Leave at least one axis out "
-                f"of `axis`, or pass the `axis_name` of a vmap/shard_map/pmap over the batch."
-            )
+        ghost = _check_training_layout(
+            x, lay, axis=axis, axis_name=axis_name, axis_index_groups=axis_index_groups,
+            virtual_batch_size=virtual_batch_size,
+        )
         scale, bias = _affine(params)
+        x_g, scale_g, bias_g, mask_g = ghost.group(x, scale, bias, mask)
         sync = _Sync(
-            reduction_axes=lay.reduction_axes,
+            reduction_axes=ghost.layout.reduction_axes,
             axis_name=axis_name,
             axis_index_groups=_groups(axis_index_groups),
-            scale_sync=_param_sync_names(x, scale),
-            bias_sync=_param_sync_names(x, bias),
+            scale_sync=_param_sync_names(x_g, scale_g),
+            bias_sync=_param_sync_names(x_g, bias_g),
         )
-        y, batch_mean, batch_var, valid_count = _train(
-            sync, x, scale, bias, None if mask is None else jnp.asarray(mask), epsilon
+        y, batch_mean, batch_var, valid_count = _train(sync, x_g, scale_g, bias_g, mask_g, epsilon)
+        new_state = update_from_batch(
+            state, ghost, batch_mean, batch_var, valid_count,
+            momentum=momentum, debias=debias, unbiased_running_var=unbiased_running_var,
         )
-        new_state = _update(
-            state,
-            batch_mean.reshape(lay.feature_shape),
-            batch_var.reshape(lay.feature_shape),
-            valid_count.reshape(lay.feature_shape),
-            momentum,
+        return y.reshape(x.shape), new_state
+
+
+def _check_common(
+    x: ArrayLike,
+    params: Mapping[str, ArrayLike | None] | None,
+    state: BatchStats,
+    *,
+    training: Any,
+    axis: Any,
+    momentum: Any,
+    epsilon: Any,
+    mask: Any,
+    virtual_batch_size: Any,
+    debias: Any,
+    unbiased_running_var: Any,
+) -> tuple[jax.Array, _checks.Layout]:
+    """The checks shared by batch_norm and batch_renorm, in both modes."""
+    _checks.check_training(training)
+    x = jnp.asarray(x)
+    _checks.check_input(x)
+    lay = _checks.with_shape(_checks.layout(x.ndim, axis), x.shape)
+    _checks.check_params(params, lay.feature_shape)
+    _checks.check_state(state, lay.feature_shape)
+    _checks.check_momentum(momentum)
+    _checks.check_epsilon(epsilon)
+    _checks.check_mask(mask, x.shape)
+    _checks.check_flag("debias", debias)
+    _checks.check_flag("unbiased_running_var", unbiased_running_var)
+    _checks.check_virtual_batch_size(virtual_batch_size)
+    return x, lay
+
+
+def _check_training_layout(
+    x: jax.Array,
+    lay: _checks.Layout,
+    *,
+    axis: Any,
+    axis_name: AxisName | None,
+    axis_index_groups: Any,
+    virtual_batch_size: int | None,
+) -> Ghost:
+    """Training-mode checks (sync and batch axes); returns the ghost-batch layout."""
+    _checks.check_axis_name(axis_name, axis_index_groups)
+    if not lay.reduction_axes and axis_name is None:
+        raise ValueError(
+            f"`axis` {axis!r} makes every axis of `x` (shape {x.shape}) a feature axis, so "
+            f"training has no batch to take statistics over. Leave at least one axis out "
+            f"of `axis`, or pass the `axis_name` of a vmap/shard_map/pmap over the batch."
         )
-        return y, new_state
+    return ghost_layout(lay, x.shape, virtual_batch_size, axis_name)
+
+
+class Ghost(NamedTuple):
+    """How ``x`` is regrouped into ghost batches (the identity without ``virtual_batch_size``).
+
+    The batch axis ``b`` (the first reduction axis) of size ``N`` becomes two axes
+    ``(N/k, k)``; the group axis joins the feature axes, so every group gets its own
+    statistics from the unchanged normalization code. ``group_axis`` is the position of the
+    group axis in the grouped feature shape (None: no ghost batches).
+    """
+
+    x_shape: tuple[int, ...]
+    grouped_shape: tuple[int, ...]
+    layout: _checks.Layout  # of the grouped x
+    group_axis: int | None
+
+    def group(
+        self,
+        x: jax.Array,
+        scale: jax.Array | None,
+        bias: jax.Array | None,
+        mask: ArrayLike | None,
+    ) -> tuple[jax.Array, jax.Array | None, jax.Array | None, jax.Array | None]:
+        """``x`` and the mask regrouped; ``scale`` and ``bias`` broadcast over the groups."""
+        if mask is not None:
+            mask = jnp.asarray(mask)
+        if self.group_axis is None:
+            return x, scale, bias, mask
+        if mask is not None:
+            mask = jnp.broadcast_to(mask, self.x_shape).reshape(self.grouped_shape)
+        return (
+            x.reshape(self.grouped_shape),
+            None if scale is None else self.per_group(scale),
+            None if bias is None else self.per_group(bias),
+            mask,
+        )
+
+    def per_group(self, value: jax.Array) -> jax.Array:
+        """A feature-shaped array broadcast to the grouped feature shape."""
+        if self.group_axis is None:
+            return value
+        expanded = jnp.expand_dims(value, self.group_axis)
+        return jnp.broadcast_to(expanded, self.layout.feature_shape)
+
+
+def ghost_layout(
+    lay: _checks.Layout,
+    x_shape: tuple[int, ...],
+    virtual_batch_size: int | None,
+    axis_name: AxisName | None,
+) -> Ghost:
+    """The ghost-batch layout of an input of ``x_shape``; checks ``virtual_batch_size``."""
+    if virtual_batch_size is None:
+        return Ghost(x_shape, x_shape, lay, None)
+    if axis_name is not None:
+        raise ValueError(
+            f"`virtual_batch_size` cannot be combined with `axis_name` (got "
+            f"virtual_batch_size={virtual_batch_size!r}, axis_name={axis_name!r}): ghost "
+            f"batches are normalized with their own local statistics, so there is nothing to "
+            f"synchronize. Drop `axis_name`, and average the new states over the devices "
+            f"yourself if they must agree."
+        )
+    if not lay.reduction_axes:
+        raise ValueError(
+            f"`virtual_batch_size` needs a batch axis to split, but `axis` makes every axis "
+            f"of `x` (shape {x_shape}) a feature axis."
+        )
+    batch_axis = lay.reduction_axes[0]
+    size = x_shape[batch_axis]
+    if size % virtual_batch_size:
+        raise ValueError(
+            f"`virtual_batch_size` must divide the batch axis (axis {batch_axis} of `x`, size "
+            f"{size}), got virtual_batch_size={virtual_batch_size}. Use a batch size that is a "
+            f"multiple of it, or a divisor of {size}."
+        )
+    groups = size // virtual_batch_size
+    grouped_shape = (*x_shape[:batch_axis], groups, virtual_batch_size, *x_shape[batch_axis + 1 :])
+    feature_axes = tuple(a if a < batch_axis else a + 1 for a in lay.feature_axes)
+    feature_axes = tuple(sorted((*feature_axes, batch_axis)))
+    grouped = _checks.with_shape(
+        _checks.Layout(
+            feature_axes,
+            tuple(a for a in range(len(grouped_shape)) if a not in feature_axes),
+            (),
+            (),
+        ),
+        grouped_shape,
+    )
+    return Ghost(x_shape, grouped_shape, grouped, feature_axes.index(batch_axis))
+
+
+def update_from_batch(
+    state: BatchStats,
+    ghost: Ghost,
+    batch_mean: jax.Array,
+    batch_var: jax.Array,
+    valid_count: jax.Array,
+    *,
+    momentum: float | None,
+    debias: bool,
+    unbiased_running_var: bool,
+) -> BatchStats:
+    """The new running statistics from a batch's (or its ghost batches') moments.
+
+    ``batch_mean``, ``batch_var`` (biased) and ``valid_count`` broadcast against the
+    grouped ``x``. With ``unbiased_running_var`` each (ghost) batch's variance is scaled by
+    ``n/(n-1)``, and only batches with ``n >= 2`` count toward the variance. Ghost batches
+    are then averaged, each group with a valid entry weighing the same.
+    """
+    feature_shape = ghost.layout.feature_shape
+    mean = batch_mean.reshape(feature_shape)
+    var = batch_var.reshape(feature_shape)
+    count = valid_count.reshape(feature_shape)
+    var_count = count
+    if unbiased_running_var:
+        var = var * (count / jnp.maximum(count - 1, 1))
+        var_count = jnp.where(count > 1, count, 0)
+    if ghost.group_axis is not None:
+        mean, count = _mean_over_groups(mean, count, ghost.group_axis)
+        var, var_count = _mean_over_groups(var, var_count, ghost.group_axis)
+    return _update(state, mean, var, count, momentum, debias=debias, var_count=var_count)
+
+
+def _mean_over_groups(
+    value: jax.Array, count: jax.Array, group_axis: int
+) -> tuple[jax.Array, jax.Array]:
+    """The unweighted mean of ``value`` over the groups with ``count > 0``, and the total count."""
+    has = count > 0
+    total = jnp.sum(jnp.where(has, value, 0), axis=group_axis)
+    groups = jnp.sum(has, axis=group_axis, dtype=value.dtype)
+    return total / jnp.maximum(groups, 1), jnp.sum(count, axis=group_axis)
 
 
 def _affine(
@@ -341,21 +547,37 @@ def _update(
     batch_var: jax.Array,
     count: jax.Array,
     momentum: float | None,
+    *,
+    debias: bool = False,
+    var_count: jax.Array | None = None,
 ) -> BatchStats:
-    """Merges one batch's statistics into the running ones, never corrupting them."""
+    """Merges one batch's statistics into the running ones, never corrupting them.
+
+    ``count`` (feature-shaped) is the number of valid entries behind ``batch_mean``;
+    ``var_count`` (default ``count``) the number behind ``batch_var``. A feature whose count
+    is 0 keeps its running value. The ``k``-th accepted batch has weight ``1 - momentum``,
+    ``1/k`` with ``momentum=None``, or ``(1 - momentum)/(1 - momentum**k)`` with ``debias``.
+    """
+    var_count = count if var_count is None else var_count
     batch_mean = batch_mean.astype(state.mean.dtype)  # the state's dtype never changes
     batch_var = batch_var.astype(state.var.dtype)
     finite = jnp.all(jnp.isfinite(batch_mean)) & jnp.all(jnp.isfinite(batch_var))
     accepted = finite & jnp.any(count > 0)  # a batch with no valid entry is not counted
     merged = state.count + accepted.astype(state.count.dtype)
+    dtype = state.mean.dtype
     if momentum is None:
-        decay = 1.0 - 1.0 / jnp.maximum(merged, 1).astype(state.mean.dtype)
+        decay = 1.0 - 1.0 / jnp.maximum(merged, 1).astype(dtype)
+    elif debias:
+        momentum_ = jnp.asarray(momentum, dtype)
+        steps = jnp.maximum(merged, 1).astype(dtype)
+        decay = 1.0 - (1.0 - momentum_) / (1.0 - momentum_**steps)
     else:
-        decay = jnp.asarray(momentum, state.mean.dtype)
+        decay = jnp.asarray(momentum, dtype)
     # A feature with no valid entry (all masked out) keeps its running values.
     keep = jnp.logical_not(accepted) | (count == 0)
+    keep_var = jnp.logical_not(accepted) | (var_count == 0)
     new_mean = jnp.where(keep, state.mean, decay * state.mean + (1 - decay) * batch_mean)
-    new_var = jnp.where(keep, state.var, decay * state.var + (1 - decay) * batch_var)
+    new_var = jnp.where(keep_var, state.var, decay * state.var + (1 - decay) * batch_var)
     new_state = BatchStats(
         mean=new_mean.astype(state.mean.dtype),
         var=new_var.astype(state.var.dtype),

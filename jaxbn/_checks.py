@@ -188,3 +188,53 @@ def check_axis_name(axis_name: AxisName | None, axis_index_groups: Any) -> None:
             f"is needed: pass None and XLA inserts the reductions. ({err})"
         ) from None
 
+
+
+def check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(
+            f"`{name}` must be a Python bool, got {type(value).__name__} {value!r}. It selects "
+            f"the update rule at trace time, so it cannot be a traced value."
+        )
+
+
+def check_virtual_batch_size(virtual_batch_size: Any) -> None:
+    if virtual_batch_size is None:
+        return
+    if not isinstance(virtual_batch_size, numbers.Integral) or isinstance(
+        virtual_batch_size, bool
+    ):
+        raise TypeError(
+            f"`virtual_batch_size` must be a positive int (the size of each ghost batch) or "
+            f"None, got {type(virtual_batch_size).__name__} {virtual_batch_size!r}."
+        )
+    if virtual_batch_size < 1:
+        raise ValueError(
+            f"`virtual_batch_size` must be a positive int (the size of each ghost batch) or "
+            f"None, got {virtual_batch_size!r}."
+        )
+
+
+def check_renorm_clipping(r_max: Any, d_max: Any) -> None:
+    """``r_max >= 1`` and ``d_max >= 0`` where they are concrete (traced values pass)."""
+    for name, value in (("r_max", r_max), ("d_max", d_max)):
+        if value is None or isinstance(value, bool) or np.ndim(value) != 0:
+            raise TypeError(
+                f"`{name}` must be a scalar number (a Python float or a 0-d array, which may "
+                f"be traced), got {value!r}."
+            )
+        if not jnp.issubdtype(jnp.result_type(value), jnp.number) or jnp.issubdtype(
+            jnp.result_type(value), jnp.complexfloating
+        ):
+            raise TypeError(f"`{name}` must be a real number, got {value!r}.")
+    r_value, d_value = _concrete(r_max), _concrete(d_max)
+    if r_value is not None and not r_value >= 1.0:
+        raise ValueError(
+            f"`r_max` must be >= 1 (r is clipped to [1/r_max, r_max]; r_max=1 is plain batch "
+            f"normalization), got {r_max!r}."
+        )
+    if d_value is not None and not d_value >= 0.0:
+        raise ValueError(
+            f"`d_max` must be >= 0 (d is clipped to [-d_max, d_max]; d_max=0 is plain batch "
+            f"normalization), got {d_max!r}."
+        )
