@@ -1,6 +1,8 @@
 """jaxbn: batch normalization for JAX as a pure function with explicit state."""
 
 from ._batch_norm import batch_norm as batch_norm
+from ._fold import fold_conv as fold_conv
+from ._fold import fold_dense as fold_dense
 from ._recalibrate import PooledStats as PooledStats
 from ._recalibrate import RecalibrationState as RecalibrationState
 from ._recalibrate import recalibrate as recalibrate
@@ -14,4 +16,18 @@ from ._state import init as init
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchStats", "Params", "batch_norm", "PooledStats", "RecalibrationState", "batch_renorm", "init"]
+__all__ = [
+    "BatchStats",
+    "Params",
+    "PooledStats",
+    "RecalibrationState",
+    "batch_norm",
+    "batch_renorm",
+    "fold_conv",
+    "fold_dense",
+    "init",
+    "recalibrate",
+    "recalibration_init",
+    "recalibration_result",
+    "recalibration_update",
+]

@@ -1,0 +1,218 @@
+"""Inference folding: an eval-mode batch norm merged into the Dense or Conv before it.
+
+In evaluation a batch norm is a per-channel affine map, so ``BN(W x + b)`` is one linear
+layer ``W' x + b'``: inference then runs without the normalization (one kernel less, and no
+statistics to read).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from ._checks import check_epsilon, wider_float
+from ._state import BatchStats
+
+__all__ = ["fold_conv", "fold_dense"]
+
+
+def fold_dense(
+    kernel: ArrayLike,
+    bias: ArrayLike | None,
+    params: Mapping[str, ArrayLike | None] | None,
+    state: BatchStats | Mapping[str, ArrayLike],
+    *,
+    epsilon: float = 1e-5,
+    kernel_layout: str = "IO",
+) -> tuple[jax.Array, jax.Array]:
+    r"""Folds an eval-mode batch norm into the dense layer before it.
+
+    With ``m = scale / sqrt(var + epsilon)`` per output feature::
+
+        BN(x @ W + b) = (x @ W + b - mean) * m + beta = x @ W' + b'
+        W' = W * m  (each output column scaled),   b' = (b - mean) * m + beta
+
+    The folded layer matches the batch norm of :func:`~jaxbn.batch_norm` with
+    ``training=False`` and the same ``epsilon``. The arithmetic runs in float32 or wider;
+    the results have the kernel's dtype. (When ``|mean| >> std`` the folded bias cancels a
+    large term, as any folding does; the unfolded layer keeps that precision.)
+
+    Args:
+      kernel: the dense kernel: ``[in, out]`` (``"IO"``, flax ``nn.Dense``) or ``[out, in]``
+        (``"OI"``, ``torch.nn.Linear``).
+      bias: the dense bias ``[out]``, or None for a layer without bias.
+      params: the batch norm's ``{"scale": γ, "bias": β}`` (either may be absent or None),
+        or None for a batch norm without affine parameters.
+      state: its running statistics, a :class:`~jaxbn.BatchStats` or a mapping with
+        ``"mean"`` and ``"var"`` (a flax ``batch_stats`` entry).
+      epsilon: the batch norm's epsilon (flax and jaxbn: 1e-5; keras: 1e-3).
+      kernel_layout: ``"IO"`` or ``"OI"``.
+
+    Returns:
+      ``(new_kernel, new_bias)``: same kernel shape and dtype; ``new_bias`` of shape ``[out]``
+      (a bias is created when ``bias`` is None).
+
+    Raises:
+      ValueError: a bad ``kernel_layout``, a kernel that is not 2-D, a shape mismatch
+        between the kernel's output features and ``bias``, ``params`` or ``state``, or
+        ``epsilon <= 0``.
+      TypeError: ``state`` is neither a BatchStats nor a mapping with mean and var.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxbn
+      >>> kernel, bias = jnp.full((3, 2), 0.5), jnp.zeros(2)
+      >>> params, state = jaxbn.init(2)
+      >>> state = state._replace(mean=jnp.array([1.0, -1.0]), var=jnp.array([4.0, 0.25]))
+      >>> k2, b2 = jaxbn.fold_dense(kernel, bias, params, state)
+      >>> x = jax.random.normal(jax.random.key(0), (5, 3))
+      >>> y, _ = jaxbn.batch_norm(x @ kernel + bias, params, state, training=False)
+      >>> bool(jnp.allclose(x @ k2 + b2, y, atol=1e-5))
+      True
+    """
+    if kernel_layout not in ("IO", "OI"):
+        raise ValueError(
+            f'`kernel_layout` must be "IO" ([in, out], flax nn.Dense) or "OI" ([out, in], '
+            f"torch.nn.Linear), got {kernel_layout!r}."
+        )
+    return _fold(kernel, bias, params, state, epsilon, kernel_layout)
+
+
+def fold_conv(
+    kernel: ArrayLike,
+    bias: ArrayLike | None,
+    params: Mapping[str, ArrayLike | None] | None,
+    state: BatchStats | Mapping[str, ArrayLike],
+    *,
+    epsilon: float = 1e-5,
+    kernel_layout: str = "HWIO",
+) -> tuple[jax.Array, jax.Array]:
+    r"""Folds an eval-mode batch norm into the convolution before it.
+
+    A convolution is linear in its kernel and each output channel has its own filter, so,
+    with ``m = scale / sqrt(var + epsilon)`` per output channel::
+
+        BN(conv(x, W) + b) = conv(x, W') + b'
+        W'[..., o] = W[..., o] * m[o],   b' = (b - mean) * m + beta
+
+    It holds for any stride, padding, dilation and ``feature_group_count`` (grouped and
+    depthwise convolutions: the ``O`` axis still indexes output channels), and for
+    transposed convolutions whose ``O`` axis is the output channels.
+
+    Args:
+      kernel: the convolution kernel, laid out as ``kernel_layout`` says.
+      bias: the convolution bias ``[out]``, or None for a convolution without bias.
+      params: the batch norm's ``{"scale": γ, "bias": β}`` (either may be absent or None),
+        or None.
+      state: its running statistics, a :class:`~jaxbn.BatchStats` or a mapping with
+        ``"mean"`` and ``"var"``.
+      epsilon: the batch norm's epsilon (flax and jaxbn: 1e-5; keras: 1e-3).
+      kernel_layout: one letter per kernel axis, with exactly one ``"O"`` (output channels)
+        and one ``"I"`` (input channels): ``"HWIO"`` for flax ``nn.Conv`` and NHWC
+        ``lax.conv_general_dilated`` (the default), ``"OIHW"`` for NCHW and
+        ``torch.nn.Conv2d``; ``"WIO"``/``"OIW"`` in 1-D, ``"DHWIO"``/``"OIDHW"`` in 3-D.
+
+    Returns:
+      ``(new_kernel, new_bias)``: same kernel shape and dtype; ``new_bias`` of shape ``[out]``
+      (a bias is created when ``bias`` is None).
+
+    Raises:
+      ValueError: a bad ``kernel_layout`` (letters, or length other than the kernel's
+        rank), a shape mismatch between the output channels and ``bias``, ``params`` or
+        ``state``, or ``epsilon <= 0``.
+      TypeError: ``state`` is neither a BatchStats nor a mapping with mean and var.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxbn
+      >>> kernel = jax.random.normal(jax.random.key(0), (3, 3, 2, 4))   # HWIO
+      >>> params, state = jaxbn.init(4)
+      >>> state = state._replace(mean=jnp.arange(4.0), var=jnp.arange(1.0, 5.0))
+      >>> k2, b2 = jaxbn.fold_conv(kernel, None, params, state)
+      >>> x = jax.random.normal(jax.random.key(1), (2, 8, 8, 2))          # NHWC
+      >>> conv = lambda k: jax.lax.conv_general_dilated(
+      ...     x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      >>> y, _ = jaxbn.batch_norm(conv(kernel), params, state, training=False)
+      >>> bool(jnp.allclose(conv(k2) + b2, y, atol=1e-5))
+      True
+    """
+    ndim = np.ndim(kernel)
+    if (
+        not isinstance(kernel_layout, str)
+        or len(kernel_layout) != ndim
+        or kernel_layout.count("O") != 1
+        or kernel_layout.count("I") != 1
+        or len(set(kernel_layout)) != len(kernel_layout)
+    ):
+        raise ValueError(
+            f"`kernel_layout` must name each of the kernel's {ndim} axes with a distinct "
+            f'letter, exactly one "O" (output channels) and one "I" (input channels), e.g. '
+            f'"HWIO" (flax, NHWC) or "OIHW" (torch, NCHW), got {kernel_layout!r} for a '
+            f"kernel of shape {np.shape(kernel)}."
+        )
+    return _fold(kernel, bias, params, state, epsilon, kernel_layout)
+
+
+def _stats(state: Any) -> tuple[jax.Array, jax.Array]:
+    if isinstance(state, BatchStats):
+        return jnp.asarray(state.mean), jnp.asarray(state.var)
+    if isinstance(state, Mapping) and "mean" in state and "var" in state:
+        return jnp.asarray(state["mean"]), jnp.asarray(state["var"])
+    raise TypeError(
+        "`state` must be a jaxbn.BatchStats or a mapping with \"mean\" and \"var\" (a flax "
+        f"batch_stats entry), got {type(state).__name__}."
+    )
+
+
+def _fold(
+    kernel: ArrayLike,
+    bias: ArrayLike | None,
+    params: Mapping[str, ArrayLike | None] | None,
+    state: Any,
+    epsilon: float,
+    kernel_layout: str,
+) -> tuple[jax.Array, jax.Array]:
+    kernel = jnp.asarray(kernel)
+    if kernel.ndim != len(kernel_layout):
+        raise ValueError(
+            f"`kernel` must have one axis per letter of `kernel_layout` {kernel_layout!r}, "
+            f"got shape {kernel.shape}."
+        )
+    check_epsilon(epsilon)
+    out_axis = kernel_layout.index("O")
+    channels = (kernel.shape[out_axis],)
+    mean, var = _stats(state)
+    params = params or {}
+    scale, beta = params.get("scale"), params.get("bias")
+    named = {
+        "bias": bias,
+        'params["scale"]': scale,
+        'params["bias"]': beta,
+        "state.mean": mean,
+        "state.var": var,
+    }
+    for name, value in named.items():
+        if value is not None and tuple(np.shape(value)) != channels:
+            raise ValueError(
+                f"`{name}` must have one entry per output channel of `kernel` (axis "
+                f"{out_axis}, {kernel_layout[out_axis]!r} of {kernel_layout!r}), shape "
+                f"{channels}, got shape {tuple(np.shape(value))}."
+            )
+    arrays = [jnp.asarray(a) for a in (kernel, bias, scale, beta, mean, var) if a is not None]
+    dtype = wider_float(np.float32, *(a.dtype for a in arrays))
+    multiplier = jax.lax.rsqrt(var.astype(dtype) + jnp.asarray(epsilon, dtype))
+    if scale is not None:
+        multiplier = multiplier * jnp.asarray(scale).astype(dtype)
+    broadcast = tuple(channels[0] if a == out_axis else 1 for a in range(kernel.ndim))
+    new_kernel = kernel.astype(dtype) * multiplier.reshape(broadcast)
+    shift = -mean.astype(dtype)
+    if bias is not None:
+        shift = shift + jnp.asarray(bias).astype(dtype)
+    new_bias = shift * multiplier
+    if beta is not None:
+        new_bias = new_bias + jnp.asarray(beta).astype(dtype)
+    bias_dtype = kernel.dtype if bias is None else jnp.asarray(bias).dtype
+    return new_kernel.astype(kernel.dtype), new_bias.astype(bias_dtype)

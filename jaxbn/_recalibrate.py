@@ -1,0 +1,370 @@
+"""Precise (recalibrated) population statistics: pooled over K batches, not an EMA.
+
+Wu & Johnson, "Rethinking 'Batch' in BatchNorm" (2021), §3 (PreciseBN): after training, run
+the fixed model in training mode over K batches, collect every batch-norm layer's batch
+statistics and pool them, each batch weighted by its number of entries. The EMA of training
+mixes statistics of many past versions of the weights and, with a high momentum, is a noisy
+estimate; the pooled statistics are exact for the final weights.
+
+An accumulator in the style of optax: :func:`recalibration_init`,
+:func:`recalibration_update` (jittable) and :func:`recalibration_result`, and the loop
+:func:`recalibrate`. They work on any pytree whose statistics nodes are
+:class:`~jaxbn.BatchStats` or mappings with ``"mean"`` and ``"var"`` entries (a flax
+``batch_stats`` collection, or ``nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from ._dtypes import stats_dtype
+from ._state import BatchStats
+
+__all__ = [
+    "PooledStats",
+    "RecalibrationState",
+    "recalibrate",
+    "recalibration_init",
+    "recalibration_result",
+    "recalibration_update",
+]
+
+
+class PooledStats(NamedTuple):
+    """The pooled moments of one layer's batches so far (Chan et al.'s running form)."""
+
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as BatchStats does
+    """float32 (or wider) ``[*feature_shape]``: entries merged so far, per feature."""
+    mean: jax.Array
+    """float32 (or wider) ``[*feature_shape]``: mean of all entries merged so far."""
+    m2: jax.Array
+    """float32 (or wider) ``[*feature_shape]``: sum of squared deviations from ``mean``."""
+    batches: jax.Array
+    """int32 ``[]``: batches that contributed at least one entry to this layer."""
+
+
+class RecalibrationState(NamedTuple):
+    """The accumulator of :func:`recalibration_update`: a pytree, so it can cross ``jit``."""
+
+    stats: Any
+    """The statistics tree given to :func:`recalibration_init`: the structure, the dtypes,
+    and the values kept for features that no batch reached."""
+    pooled: Any
+    """The same tree with a :class:`PooledStats` in place of each statistics node."""
+
+
+def _is_stats_node(node: Any) -> bool:
+    """A :class:`BatchStats`, or a mapping holding array-like ``"mean"`` and ``"var"``."""
+    if isinstance(node, BatchStats):
+        return True
+    return (
+        isinstance(node, Mapping)
+        and "mean" in node
+        and "var" in node
+        and not isinstance(node["mean"], Mapping)
+        and not isinstance(node["var"], Mapping)
+    )
+
+
+def _flatten(tree: Any) -> tuple[list[Any], Any]:
+    return jax.tree.flatten(tree, is_leaf=_is_stats_node)
+
+
+def _mean_var(node: Any) -> tuple[jax.Array, jax.Array]:
+    if isinstance(node, BatchStats):
+        return jnp.asarray(node.mean), jnp.asarray(node.var)
+    return jnp.asarray(node["mean"]), jnp.asarray(node["var"])
+
+
+def recalibration_init(stats: Any) -> RecalibrationState:
+    """Starts pooling batch statistics for every batch-norm layer of ``stats``.
+
+    Args:
+      stats: a pytree of statistics nodes: :class:`~jaxbn.BatchStats`, or mappings with
+        ``"mean"`` and ``"var"`` arrays (a flax linen ``batch_stats`` collection; an nnx
+        model's ``nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))``). Other leaves are
+        carried along unchanged.
+
+    Returns:
+      An empty :class:`RecalibrationState`: every layer has merged 0 entries.
+
+    Raises:
+      ValueError: ``stats`` contains no statistics node.
+
+    Example:
+      >>> import jaxbn
+      >>> _, state = jaxbn.init(3)
+      >>> acc = jaxbn.recalibration_init({"bn": state})
+      >>> acc.pooled["bn"].count.tolist()
+      [0.0, 0.0, 0.0]
+    """
+    nodes, treedef = _flatten(stats)
+    if not any(_is_stats_node(node) for node in nodes):
+        raise ValueError(
+            "`stats` must contain batch-norm statistics: jaxbn.BatchStats or mappings with "
+            f'"mean" and "var" entries (a flax batch_stats collection), got {treedef}.'
+        )
+    pooled: list[PooledStats | None] = []
+    for node in nodes:
+        if not _is_stats_node(node):
+            pooled.append(None)
+            continue
+        mean, _ = _mean_var(node)
+        zeros = jnp.zeros(mean.shape, stats_dtype(mean.dtype))
+        pooled.append(PooledStats(zeros, zeros, zeros, jnp.zeros((), jnp.int32)))
+    return RecalibrationState(stats=stats, pooled=jax.tree.unflatten(treedef, pooled))
+
+
+def _counts_per_node(counts: Any, nodes: list[Any], treedef: Any) -> list[Any]:
+    if isinstance(counts, (int, float, np.ndarray, np.generic, jax.Array)):
+        return [counts] * len(nodes)
+    try:
+        return treedef.flatten_up_to(counts)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            "`counts` must be a number or array (the entries per feature of every layer in "
+            "this batch) or a pytree with one count in place of each statistics node of "
+            f"`batch_stats` {treedef}, got {counts!r}. ({err})"
+        ) from None
+
+
+def recalibration_update(
+    acc: RecalibrationState, batch_stats: Any, counts: Any
+) -> RecalibrationState:
+    r"""Merges one batch's statistics into the pooled ones (Chan et al.'s formula).
+
+    For each layer and feature, with the pooled ``(n_a, μ_a, M2_a)`` and the batch's
+    ``n_b`` entries of mean ``μ_b`` and biased variance ``σ²_b``::
+
+        n  = n_a + n_b,   δ = μ_b - μ_a,   μ = μ_a + δ n_b / n
+        M2 = M2_a + n_b σ²_b + δ² n_a n_b / n
+
+    so after K batches ``μ`` and ``M2 / n`` are the mean and biased variance of all the
+    entries together, exactly as if the K batches were one.
+
+    Get ``batch_stats`` by running the model in training mode with ``momentum=0.0``: the
+    new running statistics then *are* the batch mean and biased variance
+    (``jaxbn.batch_norm(..., training=True, momentum=0.0)``; see :func:`recalibrate` for
+    flax linen and nnx models).
+
+    Args:
+      acc: the accumulator from :func:`recalibration_init` or a previous update.
+      batch_stats: this batch's statistics, a tree of the structure of ``acc.stats``.
+      counts: how many entries each feature's statistics were taken over (``N*H*W`` for
+        NHWC input, the mask's count with a mask). A number or array broadcasts to every
+        layer; otherwise a pytree with one count (a scalar or a per-feature array) in place
+        of each statistics node. Only the ratios between batches matter per layer, so when
+        every layer sees a fixed number of positions per example, the batch size ``N``
+        weights every layer exactly. A feature with count 0 is not merged.
+
+    Returns:
+      The updated accumulator, of the same structure, shapes and dtypes.
+
+    Raises:
+      ValueError: ``batch_stats`` does not have the structure or feature shapes of
+        ``acc.stats``, or ``counts`` does not match its statistics nodes.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxbn
+      >>> _, state = jaxbn.init(1)
+      >>> acc = jaxbn.recalibration_init(state)
+      >>> for batch in (jnp.array([[0.0], [2.0]]), jnp.array([[4.0], [6.0], [8.0]])):
+      ...     _, batch_stats = jaxbn.batch_norm(batch, None, state, training=True, momentum=0.0)
+      ...     acc = jaxbn.recalibration_update(acc, batch_stats, counts=batch.shape[0])
+      >>> pooled = jaxbn.recalibration_result(acc)   # of 0, 2, 4, 6, 8
+      >>> round(float(pooled.mean[0]), 5), round(float(pooled.var[0]), 5), int(pooled.count)
+      (4.0, 8.0, 2)
+    """
+    nodes, treedef = _flatten(acc.stats)
+    batch_nodes, batch_treedef = _flatten(batch_stats)
+    if batch_treedef != treedef:
+        raise ValueError(
+            "`batch_stats` must have the structure of the statistics given to "
+            f"recalibration_init, {treedef}, got {batch_treedef}."
+        )
+    count_nodes = _counts_per_node(counts, nodes, treedef)
+    pooled_nodes = treedef.flatten_up_to(acc.pooled)
+    merged: list[PooledStats | None] = []
+    for path_index, (node, batch, count, pooled) in enumerate(
+        zip(nodes, batch_nodes, count_nodes, pooled_nodes, strict=True)
+    ):
+        if not _is_stats_node(node):
+            merged.append(None)
+            continue
+        merged.append(_merge(pooled, batch, count, path_index))
+    return acc._replace(pooled=jax.tree.unflatten(treedef, merged))
+
+
+def _merge(pooled: PooledStats, batch: Any, count: Any, index: int) -> PooledStats:
+    shape, dtype = pooled.mean.shape, pooled.mean.dtype
+    batch_mean, batch_var = _mean_var(batch)
+    for name, value in (("mean", batch_mean), ("var", batch_var)):
+        if value.shape != shape:
+            raise ValueError(
+                f"`batch_stats` statistics node {index} has {name} of shape {value.shape}, "
+                f"expected the feature shape {shape} given to recalibration_init."
+            )
+    count_shape = tuple(np.shape(count))
+    if count_shape not in ((), shape):
+        raise ValueError(
+            f"`counts` for statistics node {index} must be a scalar or of the feature shape "
+            f"{shape}, got shape {count_shape}."
+        )
+    n_b = jnp.broadcast_to(jnp.asarray(count).astype(dtype), shape)
+    n_b = jnp.where(n_b > 0, n_b, jnp.zeros_like(n_b))
+    n_a = pooled.count
+    total = n_a + n_b
+    weight = n_b / jnp.maximum(total, 1)  # n_b / n, 0 where nothing was merged
+    delta = batch_mean.astype(dtype) - pooled.mean
+    new_mean = pooled.mean + delta * weight
+    batch_m2 = n_b * jnp.maximum(batch_var.astype(dtype), 0)
+    new_m2 = pooled.m2 + batch_m2 + delta * delta * n_a * weight
+    keep = n_b == 0  # unmerged features keep their values, even if the batch's are NaN
+    contributed = jnp.any(n_b > 0).astype(jnp.int32)
+    return PooledStats(
+        count=total,
+        mean=jnp.where(keep, pooled.mean, new_mean),
+        m2=jnp.where(keep, pooled.m2, new_m2),
+        batches=pooled.batches + contributed,
+    )
+
+
+def recalibration_result(acc: RecalibrationState) -> Any:
+    """The pooled statistics, in the structure and dtypes of ``acc.stats``.
+
+    Each statistics node gets ``mean = μ`` and ``var = M2 / n`` (biased, as jaxbn, flax and
+    keras store it; multiply by ``n / (n - 1)`` for torch's unbiased convention). A
+    :class:`~jaxbn.BatchStats` node's ``count`` becomes the number of batches that reached
+    it. Features that no batch reached keep the values of ``acc.stats``.
+
+    Args:
+      acc: the accumulator after the last :func:`recalibration_update`.
+
+    Returns:
+      A tree of the structure of ``acc.stats`` with the pooled statistics.
+
+    Example:
+      >>> import jaxbn
+      >>> _, state = jaxbn.init(2)
+      >>> same = jaxbn.recalibration_result(jaxbn.recalibration_init({"bn": state}))
+      >>> same["bn"].var.tolist(), int(same["bn"].count)  # no batch merged: values kept
+      ([1.0, 1.0], 0)
+    """
+    nodes, treedef = _flatten(acc.stats)
+    pooled_nodes = treedef.flatten_up_to(acc.pooled)
+    results = []
+    for node, pooled in zip(nodes, pooled_nodes, strict=True):
+        if not _is_stats_node(node):
+            results.append(node)
+            continue
+        old_mean, old_var = _mean_var(node)
+        reached = pooled.count > 0
+        mean = jnp.where(reached, pooled.mean, old_mean.astype(pooled.mean.dtype))
+        var = jnp.where(
+            reached, pooled.m2 / jnp.maximum(pooled.count, 1), old_var.astype(pooled.m2.dtype)
+        )
+        mean, var = mean.astype(old_mean.dtype), var.astype(old_var.dtype)
+        if isinstance(node, BatchStats):
+            results.append(
+                BatchStats(mean=mean, var=var, count=pooled.batches.astype(node.count.dtype))
+            )
+        else:
+            results.append(_replace_mapping(node, mean, var))
+    return jax.tree.unflatten(treedef, results)
+
+
+def _replace_mapping(node: Mapping[str, Any], mean: jax.Array, var: jax.Array) -> Any:
+    updated = {**node, "mean": mean, "var": var}
+    factory: Any = type(node)  # dict, FrozenDict, ...: keep the caller's mapping type
+    try:
+        return factory(updated)
+    except TypeError:
+        return updated
+
+
+@jax.jit
+def _update_jit(acc: RecalibrationState, batch_stats: Any, counts: Any) -> RecalibrationState:
+    return recalibration_update(acc, batch_stats, counts)
+
+
+def recalibrate(
+    batch_stats_fn: Callable[[Any], tuple[Any, ArrayLike | Any]],
+    batches: Iterable[Any],
+    stats: Any,
+) -> Any:
+    """Recomputes population statistics exactly over ``batches`` (PreciseBN).
+
+    Runs ``batch_stats_fn`` on each batch, pools the results with
+    :func:`recalibration_update` (compiled once) and returns
+    :func:`recalibration_result`: per layer, the mean and biased variance of all the
+    entries of all the batches (Wu & Johnson 2021, §3). Use it after training, with the
+    weights fixed; a few hundred to a few thousand examples are typically enough.
+
+    ``batch_stats_fn(batch)`` must return ``(batch_stats, counts)``: the model's new
+    statistics after one training-mode forward pass with batch-norm momentum 0 (so they
+    are the batch's own mean and biased variance), and the entries per feature (the batch
+    size when every layer sees a fixed number of positions per example; see
+    :func:`recalibration_update`). Recipes:
+
+    - pure function: ``jaxbn.batch_norm(..., training=True, momentum=0.0)`` in the forward
+      pass; return the tree of new states.
+    - flax linen: apply the model in training mode inside
+      ``flax.linen.intercept_methods`` with an interceptor that calls each batch-norm module
+      as ``module.clone(parent=module.scope, momentum=0.0)`` (same variables, momentum 0),
+      and return ``updates["batch_stats"]``; store the result back as
+      ``variables["batch_stats"]``. See the README for the code.
+    - flax nnx: ``nnx.clone`` the model, set ``momentum = 0.0`` on every batch-norm module
+      of the copy (``nnx.iter_modules``), ``.train()`` it, and return
+      ``nnx.to_pure_dict(nnx.state(copy, nnx.BatchStat))``; write the result back with
+      ``nnx.replace_by_pure_dict`` and ``nnx.update``.
+
+    A batch with non-finite statistics is not merged by ``batch_norm`` (its new state is the
+    old one); drop such batches, or pass count 0 for them.
+
+    Args:
+      batch_stats_fn: ``batch -> (batch_stats, counts)`` as above.
+      batches: an iterable of batches, each passed to ``batch_stats_fn``.
+      stats: the current statistics tree (the template: structure, dtypes, and the values
+        kept for features no batch reaches).
+
+    Returns:
+      The recalibrated statistics, a tree of the structure of ``stats``.
+
+    Raises:
+      ValueError: ``batches`` is empty, or ``batch_stats_fn`` returns statistics of
+        another structure than ``stats`` (see :func:`recalibration_update`).
+      TypeError: ``batch_stats_fn`` does not return a pair.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxbn
+      >>> _, state = jaxbn.init(4)
+      >>> def batch_stats_fn(x):
+      ...     _, new_state = jaxbn.batch_norm(x, None, state, training=True, momentum=0.0)
+      ...     return new_state, x.shape[0]
+      >>> batches = [jax.random.normal(jax.random.key(i), (16, 4)) for i in range(3)]
+      >>> precise = jaxbn.recalibrate(batch_stats_fn, batches, state)
+      >>> everything = jnp.concatenate(batches)
+      >>> bool(jnp.allclose(precise.var, everything.var(0), rtol=1e-5)), int(precise.count)
+      (True, 3)
+    """
+    acc = recalibration_init(stats)
+    merged = 0
+    for batch in batches:
+        result = batch_stats_fn(batch)
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise TypeError(
+                "`batch_stats_fn` must return a pair (batch_stats, counts), got "
+                f"{type(result).__name__}. Return e.g. (new_stats, x.shape[0])."
+            )
+        batch_stats, counts = result
+        acc = _update_jit(acc, batch_stats, counts)
+        merged += 1
+    if not merged:
+        raise ValueError("`batches` yielded no batch: recalibration needs at least one.")
+    return recalibration_result(acc)
