@@ -285,11 +285,6 @@ def ghost_layout(
             f"synchronize. Drop `axis_name`, and average the new states over the devices "
             f"yourself if they must agree."
         )
-    if not lay.reduction_axes:
-        raise ValueError(
-            f"`virtual_batch_size` needs a batch axis to split, but `axis` makes every axis "
-            f"of `x` (shape {x_shape}) a feature axis."
-        )
     batch_axis = lay.reduction_axes[0]
     size = x_shape[batch_axis]
     if size % virtual_batch_size:

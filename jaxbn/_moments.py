@@ -56,6 +56,9 @@ def reference(
     keeps its precision when ``|mean| >> std``. No gradient flows through it: the moments do
     not depend on the shift mathematically.
     """
+    if x.shape[reduction_axes[0]] == 0:  # an empty batch: no first example, nothing to shift
+        kept = tuple(1 if a in reduction_axes else d for a, d in enumerate(x.shape))
+        return jnp.zeros(kept, dtype)
     if _sharded_explicitly(x, reduction_axes):
         # Under explicit sharding the first example lives on one device and JAX refuses
         # to slice it out implicitly; the mean itself (one more pass) is the safe shift.

@@ -108,9 +108,17 @@ def batch_renorm(
     with jax.named_scope("jaxbn.batch_renorm"):
         _checks.check_renorm_clipping(r_max, d_max)
         x, lay = _check_common(
-            x, params, state, training=training, axis=axis, momentum=momentum,
-            epsilon=epsilon, mask=mask, virtual_batch_size=virtual_batch_size,
-            debias=debias, unbiased_running_var=unbiased_running_var,
+            x,
+            params,
+            state,
+            training=training,
+            axis=axis,
+            momentum=momentum,
+            epsilon=epsilon,
+            mask=mask,
+            virtual_batch_size=virtual_batch_size,
+            debias=debias,
+            unbiased_running_var=unbiased_running_var,
         )
         stats_dtype = _checks.stats_dtype(x.dtype)
         if not training:
@@ -118,7 +126,11 @@ def batch_renorm(
             return y, state
 
         ghost = _check_training_layout(
-            x, lay, axis=axis, axis_name=axis_name, axis_index_groups=axis_index_groups,
+            x,
+            lay,
+            axis=axis,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
             virtual_batch_size=virtual_batch_size,
         )
         scale, bias = _affine(params)
@@ -153,8 +165,14 @@ def batch_renorm(
         y = (x_g.astype(dtype) - batch_mean.astype(dtype)) * mul + shift
 
         new_state = update_from_batch(
-            state, ghost, batch_mean, batch_var, moments.valid_count,
-            momentum=momentum, debias=debias, unbiased_running_var=unbiased_running_var,
+            state,
+            ghost,
+            batch_mean,
+            batch_var,
+            moments.valid_count,
+            momentum=momentum,
+            debias=debias,
+            unbiased_running_var=unbiased_running_var,
         )
         return y.reshape(x.shape).astype(x.dtype), new_state
 
