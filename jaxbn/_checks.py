@@ -218,15 +218,22 @@ def check_virtual_batch_size(virtual_batch_size: Any) -> None:
 def check_renorm_clipping(r_max: Any, d_max: Any) -> None:
     """``r_max >= 1`` and ``d_max >= 0`` where they are concrete (traced values pass)."""
     for name, value in (("r_max", r_max), ("d_max", d_max)):
-        if value is None or isinstance(value, bool) or np.ndim(value) != 0:
-            raise TypeError(
-                f"`{name}` must be a scalar number (a Python float or a 0-d array, which may "
-                f"be traced), got {value!r}."
-            )
-        if not jnp.issubdtype(jnp.result_type(value), jnp.number) or jnp.issubdtype(
-            jnp.result_type(value), jnp.complexfloating
+        if isinstance(value, bool) or not isinstance(
+            value, (numbers.Real, jax.Array, np.ndarray, np.generic)
         ):
-            raise TypeError(f"`{name}` must be a real number, got {value!r}.")
+            raise TypeError(
+                f"`{name}` must be a real scalar (a Python float or a 0-d array, which may be "
+                f"traced), got {type(value).__name__} {value!r}."
+            )
+        dtype = jnp.result_type(value)
+        real = jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+        shape = tuple(getattr(value, "shape", ()))
+        if shape or not real:
+            raise TypeError(
+                f"`{name}` must be a real scalar (a Python float or a 0-d array, which may be "
+                f"traced), got {type(value).__name__} of shape {shape} and dtype "
+                f"{dtype}."
+            )
     r_value, d_value = _concrete(r_max), _concrete(d_max)
     if r_value is not None and not r_value >= 1.0:
         raise ValueError(
