@@ -10,6 +10,7 @@ running averages.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from flax.typing import Dtype, Initializer
 from ._batch_norm import batch_norm
 from ._checks import layout, wider_float, with_shape
 from ._checks import stats_dtype as stats_dtype_of
+from ._renorm import batch_renorm
 from ._state import BatchStats
 
 __all__ = ["BatchNorm"]
@@ -40,6 +42,11 @@ class BatchNorm(nn.Module):
       >>> y, updates = bn.apply(variables, x, mutable=["batch_stats"])
       >>> sorted(updates["batch_stats"])
       ['mean', 'var']
+
+    The fields after ``force_float32_reductions`` are jaxbn's own and keyword-only: the
+    constructor takes all of flax's arguments first, in flax's order, so positional
+    construction means what it means in flax. Their defaults give plain batch norm, with
+    flax's variables.
 
     Attributes:
       use_running_average: if True, normalize with the stored running statistics.
@@ -60,6 +67,20 @@ class BatchNorm(nn.Module):
       force_float32_reductions: accepted for compatibility. Statistics are always reduced in
         float32 or wider; when False the running statistics are *stored* in
         ``param_dtype`` as flax does, so checkpoints keep their dtypes.
+      virtual_batch_size: ghost batches of this size, each normalized with its own
+        statistics (see ``jaxbn.batch_norm``); None: one batch.
+      debias: zero-debiased EMA of the running statistics. Adds a ``batch_stats/count``
+        variable (int32, the number of batches merged), which it needs; the other
+        variables are unchanged.
+      unbiased_running_var: store the unbiased batch variance (PyTorch's convention).
+      use_renorm: Batch Renormalization (``jaxbn.batch_renorm``) instead of batch norm.
+      r_max: with ``use_renorm``, the bound of ``r`` (>= 1). A module field may hold a
+        traced value, so a ramp works when the module is built inside the jitted function.
+      d_max: with ``use_renorm``, the bound of ``d`` (>= 0).
+
+    A frozen layer for fine-tuning (keras ``trainable=False``) is
+    ``use_running_average=True``: the running statistics are used and not updated, and
+    gradients still flow to ``scale``, ``bias`` and the input.
     """
 
     use_running_average: bool | None = None
@@ -76,6 +97,14 @@ class BatchNorm(nn.Module):
     axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
+    # jaxbn's own fields: keyword-only, so that in __init__ they follow all of flax's
+    # parameters (its `parent` and `name` included) and positional use matches flax.
+    virtual_batch_size: int | None = dataclasses.field(default=None, kw_only=True)
+    debias: bool = dataclasses.field(default=False, kw_only=True)
+    unbiased_running_var: bool = dataclasses.field(default=False, kw_only=True)
+    use_renorm: bool = dataclasses.field(default=False, kw_only=True)
+    r_max: Any = dataclasses.field(default=3.0, kw_only=True)
+    d_max: Any = dataclasses.field(default=5.0, kw_only=True)
 
     @nn.compact
     def __call__(
@@ -125,13 +154,28 @@ class BatchNorm(nn.Module):
             x.dtype, *(None if p is None else p.dtype for p in (scale, bias))
         )
         stats_dtype = stats_dtype_of(stored_dtype)
+        count = (
+            self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
+            if self.debias
+            else None
+        )
         state = BatchStats(
             mean=ra_mean.value.astype(stats_dtype),
             var=ra_var.value.astype(stats_dtype),
-            count=jnp.zeros((), jnp.int32),
+            count=jnp.zeros((), jnp.int32) if count is None else count.value,
         )
         initializing = self.is_initializing()
-        y, new_state = batch_norm(
+        variant: dict[str, Any] = {
+            "virtual_batch_size": self.virtual_batch_size,
+            "debias": self.debias,
+            "unbiased_running_var": self.unbiased_running_var,
+        }
+        if self.use_renorm:
+            normalize: Any = batch_renorm
+            variant.update(r_max=self.r_max, d_max=self.d_max)
+        else:
+            normalize = batch_norm
+        y, new_state = normalize(
             x.astype(wider_float(x.dtype, out_dtype)),
             {"scale": scale, "bias": bias},
             state,
@@ -142,8 +186,11 @@ class BatchNorm(nn.Module):
             axis_name=None if initializing else self.axis_name,
             axis_index_groups=None if initializing else self.axis_index_groups,
             mask=mask,
+            **variant,
         )
         if not use_running_average and not initializing:
             ra_mean.value = new_state.mean.astype(ra_mean.value.dtype)
             ra_var.value = new_state.var.astype(ra_var.value.dtype)
+            if count is not None:
+                count.value = new_state.count
         return y.astype(out_dtype)

@@ -20,6 +20,7 @@ from flax.typing import Dtype, Initializer, PromoteDtypeFn
 from ._batch_norm import batch_norm
 from ._checks import stats_dtype as stats_dtype_of
 from ._checks import wider_float
+from ._renorm import batch_renorm
 from ._state import BatchStats
 
 __all__ = ["BatchNorm"]
@@ -68,6 +69,20 @@ class BatchNorm(nnx.Module):
       rngs: the random number generators for the parameter initializers.
       bias_metadata: metadata for the bias ``nnx.Param``.
       scale_metadata: metadata for the scale ``nnx.Param``.
+      virtual_batch_size: jaxbn's own (this and the following arguments come after all of
+        flax's, and their defaults give plain batch norm with flax's variables): ghost
+        batches of this size, each normalized with its own statistics; None: one batch.
+      debias: zero-debiased EMA of the running statistics. Adds an ``nnx.BatchStat``
+        ``count`` (int32, the number of batches merged), which it needs.
+      unbiased_running_var: store the unbiased batch variance (PyTorch's convention).
+      use_renorm: Batch Renormalization (``jaxbn.batch_renorm``) instead of batch norm.
+      r_max: with ``use_renorm``, the bound of ``r`` (>= 1). A plain attribute: changing it
+        retraces under ``nnx.jit``; for a per-step ramp use ``jaxbn.batch_renorm``.
+      d_max: with ``use_renorm``, the bound of ``d`` (>= 0).
+
+    A frozen layer for fine-tuning (keras ``trainable=False``) is ``.eval()`` (or
+    ``use_running_average=True``): the running statistics are used and not updated, and
+    gradients still flow to ``scale``, ``bias`` and the input.
     """
 
     def __init__(
@@ -91,6 +106,12 @@ class BatchNorm(nnx.Module):
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        virtual_batch_size: int | None = None,
+        debias: bool = False,
+        unbiased_running_var: bool = False,
+        use_renorm: bool = False,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
     ):
         feature_shape = (num_features,)
         self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
@@ -122,6 +143,17 @@ class BatchNorm(nnx.Module):
         self.axis_index_groups = axis_index_groups
         self.use_fast_variance = use_fast_variance
         self.promote_dtype = promote_dtype
+        self.count: nnx.BatchStat[jax.Array] | None
+        if debias:
+            self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
+        else:
+            self.count = nnx.data(None)
+        self.virtual_batch_size = virtual_batch_size
+        self.debias = debias
+        self.unbiased_running_var = unbiased_running_var
+        self.use_renorm = use_renorm
+        self.r_max = r_max
+        self.d_max = d_max
 
     def __call__(
         self,
@@ -166,9 +198,19 @@ class BatchNorm(nnx.Module):
         state = BatchStats(
             mean=mean.astype(stats_dtype),
             var=var.astype(stats_dtype),
-            count=jnp.zeros((), jnp.int32),
+            count=jnp.zeros((), jnp.int32) if self.count is None else self.count[...],
         )
-        y, new_state = batch_norm(
+        variant: dict[str, Any] = {
+            "virtual_batch_size": self.virtual_batch_size,
+            "debias": self.debias,
+            "unbiased_running_var": self.unbiased_running_var,
+        }
+        if self.use_renorm:
+            normalize: Any = batch_renorm
+            variant.update(r_max=self.r_max, d_max=self.d_max)
+        else:
+            normalize = batch_norm
+        y, new_state = normalize(
             x,
             {"scale": scale, "bias": bias},
             state,
@@ -179,10 +221,13 @@ class BatchNorm(nnx.Module):
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
             mask=mask,
+            **variant,
         )
         if not use_running_average:
             self.mean[...] = new_state.mean.astype(stored_mean.dtype)
             self.var[...] = new_state.var.astype(stored_var.dtype)
+            if self.count is not None:
+                self.count[...] = new_state.count
         return y.astype(out_dtype)
 
     def set_view(self, use_running_average: bool | None = None) -> None:

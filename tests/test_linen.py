@@ -118,9 +118,30 @@ def check_parity(kwargs, *, axis=-1, mask_kind=None, x_dtype=jnp.float32, tol=TO
 # ---------------------------------------------------------------- interface
 
 
-def test_fields_match_flax_in_name_order_and_default():
-    jaxbn_fields = dataclasses.fields(JaxbnBN)
+# jaxbn's own fields, appended after flax's, with defaults that give plain batch norm.
+EXTRA_FIELDS = {
+    "virtual_batch_size": None,
+    "debias": False,
+    "unbiased_running_var": False,
+    "use_renorm": False,
+    "r_max": 3.0,
+    "d_max": 5.0,
+}
+
+
+def test_flax_fields_are_an_ordered_prefix_of_ours_with_the_same_defaults():
+    # The constructor: flax's parameters (its trailing `parent` and `name` included) come
+    # first, in flax's order and kinds, so positional construction means the same; ours
+    # follow, keyword-only.
+    ours_init = inspect.signature(JaxbnBN.__init__).parameters
+    theirs_init = inspect.signature(FlaxBN.__init__).parameters
+    assert list(ours_init)[: len(theirs_init)] == list(theirs_init)
+    assert list(ours_init)[len(theirs_init) :] == list(EXTRA_FIELDS)
+    for name, param in theirs_init.items():
+        assert ours_init[name].kind == param.kind, name
+    # The dataclass fields: flax's, in flax's order, with flax's defaults, plus ours.
     flax_fields = dataclasses.fields(FlaxBN)
+    jaxbn_fields = [f for f in dataclasses.fields(JaxbnBN) if f.name not in EXTRA_FIELDS]
     assert [f.name for f in jaxbn_fields] == [f.name for f in flax_fields]
     for ours, theirs in zip(jaxbn_fields, flax_fields, strict=True):
         assert (ours.init, ours.kw_only) == (theirs.init, theirs.kw_only), ours.name
@@ -138,8 +159,25 @@ def test_fields_match_flax_in_name_order_and_default():
                 )
         else:
             assert ours.default == theirs.default, ours.name
+    extra_fields = [f for f in dataclasses.fields(JaxbnBN) if f.name in EXTRA_FIELDS]
+    for field in extra_fields:
+        assert field.init and field.kw_only, field.name
+        assert field.default == EXTRA_FIELDS[field.name], field.name
     # The first positional field is use_running_average, as in flax.
     assert JaxbnBN(True).use_running_average is True
+
+
+def test_extra_field_defaults_reproduce_plain_batch_norm():
+    x = jax.random.normal(jax.random.key(0), (8, 3))
+    explicit = JaxbnBN(use_running_average=False, **EXTRA_FIELDS)
+    default = JaxbnBN(use_running_average=False)
+    variables = default.init(jax.random.key(1), x)
+    assert jax.tree.structure(explicit.init(jax.random.key(1), x)) == jax.tree.structure(
+        variables
+    )
+    ours = explicit.apply(variables, x, mutable=["batch_stats"])
+    theirs = default.apply(variables, x, mutable=["batch_stats"])
+    jax.tree.map(lambda a, b: assert_close(a, b, {"atol": 0, "rtol": 0}), ours, theirs)
 
 
 def test_call_signature_matches_flax():

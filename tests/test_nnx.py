@@ -138,10 +138,22 @@ def check_parity(*, axis=-1, mask_kind=None, x_dtype=jnp.float32, tol=TOL, eval_
 # ---------------------------------------------------------------- interface
 
 
-def test_constructor_signature_matches_flax():
+# jaxbn's own constructor arguments, after flax's, with defaults that give plain batch norm.
+EXTRA_ARGS = {
+    "virtual_batch_size": None,
+    "debias": False,
+    "unbiased_running_var": False,
+    "use_renorm": False,
+    "r_max": 3.0,
+    "d_max": 5.0,
+}
+
+
+def test_flax_constructor_is_an_ordered_prefix_of_ours_with_the_same_defaults():
     ours = inspect.signature(JaxbnBN.__init__).parameters
     theirs = inspect.signature(FlaxBN.__init__).parameters
-    assert list(ours) == list(theirs)
+    assert list(ours)[: len(theirs)] == list(theirs)
+    assert list(ours)[len(theirs) :] == list(EXTRA_ARGS)
     key = jax.random.key(0)
     for name, param in theirs.items():
         assert ours[name].kind == param.kind, name
@@ -155,6 +167,20 @@ def test_constructor_signature_matches_flax():
                 )
         else:
             assert ours[name].default == param.default, name
+    for name, default in EXTRA_ARGS.items():
+        assert ours[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+        assert ours[name].default == default, name
+
+
+def test_extra_argument_defaults_reproduce_plain_batch_norm():
+    x = jax.random.normal(jax.random.key(0), (8, 3))
+    explicit = JaxbnBN(3, rngs=nnx.Rngs(0), **EXTRA_ARGS)
+    default = JaxbnBN(3, rngs=nnx.Rngs(0))
+    assert jax.tree.structure(nnx.state(explicit)) == jax.tree.structure(nnx.state(default))
+    assert_close(explicit(x), default(x), {"atol": 0, "rtol": 0})
+    for a, b in zip(jax.tree.leaves(nnx.state(explicit)), jax.tree.leaves(nnx.state(default)),
+                    strict=True):
+        assert_close(a, b, {"atol": 0, "rtol": 0})
 
 
 @pytest.mark.parametrize("method", ["__call__", "set_view"])
