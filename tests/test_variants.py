@@ -349,3 +349,78 @@ def test_flax_gives_nan_on_a_fully_masked_batch_for_the_record():
     )
     y_ours, state = jaxbn.batch_norm(x, None, jaxbn.init(3)[1], training=True, mask=mask)
     assert np.all(np.isfinite(np.asarray(y_ours))) and int(state.count) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the flax drop-ins translate the options to the core functions
+# ----------------------------------------------------------------------------------------------
+
+DROP_IN_OPTIONS = [
+    {"virtual_batch_size": 2},
+    {"debias": True},
+    {"unbiased_running_var": True},
+    {"use_renorm": True, "r_max": 1.5, "d_max": 1.0},
+]
+
+
+def _core(x, state, options):
+    options = dict(options)
+    if options.pop("use_renorm", False):
+        return jaxbn.batch_renorm(x, None, state, training=True, momentum=0.9, **options)
+    return jaxbn.batch_norm(x, None, state, training=True, momentum=0.9, **options)
+
+
+@pytest.mark.parametrize("options", DROP_IN_OPTIONS, ids=lambda o: ",".join(o))
+def test_linen_options_match_the_core_over_two_steps(options):
+    from jaxbn.linen import BatchNorm
+
+    xs = [data((4, 3), seed=s) for s in range(2)]
+    bn = BatchNorm(False, -1, 0.9, use_scale=False, use_bias=False, **options)
+    variables = bn.init(jax.random.key(0), xs[0])
+    assert ("count" in variables["batch_stats"]) == options.get("debias", False)
+    state = jaxbn.init(3)[1]
+    for x in xs:
+        y, updates = bn.apply(variables, x, mutable=["batch_stats"])
+        variables = {**variables, **updates}
+        y_core, state = _core(x, state, options)
+        np.testing.assert_allclose(y, y_core, atol=1e-6)
+        np.testing.assert_allclose(updates["batch_stats"]["mean"], state.mean, atol=1e-6)
+        np.testing.assert_allclose(updates["batch_stats"]["var"], state.var, atol=1e-6)
+    if options.get("debias"):
+        assert int(variables["batch_stats"]["count"]) == 2
+
+
+@pytest.mark.parametrize("options", DROP_IN_OPTIONS, ids=lambda o: ",".join(o))
+def test_nnx_options_match_the_core_over_two_steps(options):
+    from flax import nnx
+
+    from jaxbn.nnx import BatchNorm
+
+    xs = [data((4, 3), seed=s) for s in range(2)]
+    layer = BatchNorm(3, momentum=0.9, use_scale=False, use_bias=False, rngs=nnx.Rngs(0), **options)
+    assert (layer.count is not None) == options.get("debias", False)
+    state = jaxbn.init(3)[1]
+    for x in xs:
+        y = layer(x)
+        y_core, state = _core(x, state, options)
+        np.testing.assert_allclose(y, y_core, atol=1e-6)
+        np.testing.assert_allclose(layer.mean[...], state.mean, atol=1e-6)
+        np.testing.assert_allclose(layer.var[...], state.var, atol=1e-6)
+    if options.get("debias"):
+        assert int(layer.count[...]) == 2
+
+
+def test_linen_renorm_bounds_may_be_traced_inside_a_parent_module():
+    from jaxbn.linen import BatchNorm
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x, r_max, d_max):
+            return BatchNorm(False, use_renorm=True, r_max=r_max, d_max=d_max)(x)
+
+    x = data((8, 3))
+    variables = Model().init(jax.random.key(0), x, 1.0, 0.0)
+    apply = jax.jit(lambda v, r, d: Model().apply(v, x, r, d, mutable=["batch_stats"])[0])
+    y = apply(variables, jnp.float32(1.0), jnp.float32(0.0))
+    np.testing.assert_allclose(y, jaxbn.batch_norm(x, *jaxbn.init(3), training=True)[0], atol=1e-6)
+    assert apply(variables, jnp.float32(3.0), jnp.float32(5.0)).shape == x.shape
