@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -251,3 +253,38 @@ def test_concrete_bounds_are_checked_in_eval_too_and_traced_ones_pass():
         lambda r: jaxbn.batch_renorm(x, PARAMS, STATE, training=True, r_max=r, d_max=0.0)[0]
     )
     assert f(jnp.float32(2.0)).shape == (8, 3)
+
+
+def test_shard_map_outputs_state_and_gradients_equal_the_full_batch():
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((8,), ("batch",))
+    x = data((16, 3), seed=9)
+
+    def per_device(x, params, state):
+        return jaxbn.batch_renorm(
+            x, params, state, training=True, r_max=1.5, d_max=1.0, axis_name="batch"
+        )
+
+    sharded = jax.shard_map(
+        per_device, mesh=mesh, in_specs=(P("batch"), P(), P()), out_specs=(P("batch"), P())
+    )
+    placed = jax.device_put(x, NamedSharding(mesh, P("batch")))
+    params, state = jax.device_put((PARAMS, STATE), NamedSharding(mesh, P()))
+    y, new = jax.jit(sharded)(placed, params, state)
+    y_ref, new_ref = batch_renorm(x, PARAMS, STATE, training=True, r_max=1.5, d_max=1.0)
+    np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new, new_ref)
+
+    def loss(fn, x, params, state):
+        return jnp.sum(fn(x, params, state)[0] ** 3)
+
+    grads = jax.jit(jax.grad(lambda x, p: loss(sharded, x, p, state), argnums=(0, 1)))(
+        placed, params
+    )
+    full = functools.partial(batch_renorm, training=True, r_max=1.5, d_max=1.0)
+    grads_ref = jax.grad(lambda x, p: loss(full, x, p, STATE), argnums=(0, 1))(x, PARAMS)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4), grads, grads_ref
+    )
