@@ -403,6 +403,18 @@ class Trainer:
 # -------------------------------------------------------------------- the loop
 
 
+def _require_tensorboardx() -> Any:
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError as error:
+        raise ImportError(
+            "`--tensorboard` needs tensorboardX, which is not installed. Install it "
+            "with `pip install 'jaxbn[tensorboard]'` (or `pip install tensorboardX`), "
+            "or leave out `--tensorboard`: metrics.jsonl has the same scalars."
+        ) from error
+    return SummaryWriter
+
+
 class _Logger:
     """metrics.jsonl (and optionally TensorBoard) for one group of runs."""
 
@@ -418,14 +430,7 @@ class _Logger:
             with open(self.path, "w") as f:
                 f.writelines(kept)
         if tensorboard and workdir:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError as error:
-                raise ImportError(
-                    "`--tensorboard` needs tensorboardX, which is not installed. Install it "
-                    "with `pip install 'jaxbn[tensorboard]'` (or `pip install tensorboardX`), "
-                    "or leave out `--tensorboard`: metrics.jsonl has the same scalars."
-                ) from error
+            SummaryWriter = _require_tensorboardx()
             self.writers = [
                 SummaryWriter(os.path.join(workdir, "tensorboard", f"run_{i}"))
                 for i in range(num_runs)
@@ -465,6 +470,23 @@ def _to_list(array: np.ndarray) -> list[Any]:
     return np.where(np.isfinite(array), array, np.nan).tolist()
 
 
+_TRAINERS: dict[Any, Trainer] = {}
+_MAX_TRAINERS = 8
+
+
+def _trainer(config: Config, dataset: data_lib.Dataset | None) -> Trainer:
+    """A Trainer for ``config``, reused (compiled programs included) for an identical config."""
+    key = (
+        dataclasses.replace(config, name="", checkpoint_every=0, tensorboard=False),
+        None if dataset is None else id(dataset),
+    )
+    if key not in _TRAINERS:
+        if len(_TRAINERS) >= _MAX_TRAINERS:
+            _TRAINERS.pop(next(iter(_TRAINERS)))
+        _TRAINERS[key] = Trainer(config, dataset)
+    return _TRAINERS[key]
+
+
 def train_and_evaluate(
     config: Config,
     workdir: str | None = None,
@@ -491,7 +513,9 @@ def train_and_evaluate(
       which it produced a non-finite loss or non-finite parameters.
     """
     started = time.perf_counter()
-    trainer = Trainer(config, dataset)
+    if config.tensorboard and workdir:
+        _require_tensorboardx()
+    trainer = _trainer(config, dataset)
     primary = jax.process_index() == 0
     if workdir and primary:
         os.makedirs(workdir, exist_ok=True)
