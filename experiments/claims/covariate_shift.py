@@ -1,7 +1,7 @@
 """covariate-shift: BN keeps the distribution of a layer's inputs stable (seed 002).
 
 Command: ``python -m experiments run covariate-shift --quick`` (shares its runs with
-``convergence``: about 1 minute on 2 CPU cores alone, nothing extra after convergence).
+``convergence``: 11 s alone on a shared 2-core CPU, nothing extra after convergence).
 
 Setup: the paper's Figure 1(b, c): the 15th, 50th and 85th percentiles over the test set of
 the input to each sigmoid of the last hidden layer, logged during training of the

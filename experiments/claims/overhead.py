@@ -1,6 +1,7 @@
 """overhead: BN costs extra computation (seed 000).
 
-Command: ``python -m experiments run overhead --quick`` (about 1 minute on 2 CPU cores).
+Command: ``python -m experiments run overhead --quick`` (measured on a shared 2-core CPU:
+20 s quick, 43 s ``--full``).
 
 Setup: the compiled training step (forward, backward, Adam update; one run) of the MLP
 (3×100 ReLU, batch 60) and of the small CNN, with and without BN, timed in one process:
