@@ -70,8 +70,8 @@ def fold_dense(
       >>> state = state._replace(mean=jnp.array([1.0, -1.0]), var=jnp.array([4.0, 0.25]))
       >>> k2, b2 = jaxbn.fold_dense(kernel, bias, params, state)
       >>> x = jax.random.normal(jax.random.key(0), (5, 3))
-      >>> y, _ = jaxbn.batch_norm(x @ kernel + bias, params, state, training=False)
-      >>> bool(jnp.allclose(x @ k2 + b2, y, atol=1e-5))
+      >>> y, _ = jaxbn.batch_norm(x @ kernel + bias[None], params, state, training=False)
+      >>> bool(jnp.allclose(x @ k2 + b2[None], y, atol=1e-5))
       True
     """
     if kernel_layout not in ("IO", "OI"):
@@ -136,7 +136,7 @@ def fold_conv(
       >>> conv = lambda k: jax.lax.conv_general_dilated(
       ...     x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
       >>> y, _ = jaxbn.batch_norm(conv(kernel), params, state, training=False)
-      >>> bool(jnp.allclose(conv(k2) + b2, y, atol=1e-5))
+      >>> bool(jnp.allclose(conv(k2) + b2.reshape(1, 1, 1, 4), y, atol=1e-5))
       True
     """
     ndim = np.ndim(kernel)
