@@ -148,10 +148,9 @@ def batch_norm(
             epsilon=epsilon, mask=mask, virtual_batch_size=virtual_batch_size,
             debias=debias, unbiased_running_var=unbiased_running_var,
         )
-        compute_dtype = _checks.stats_dtype(x.dtype)
 
         if not training:
-            y = _normalize(x, state.mean, state.var, params, epsilon, lay, compute_dtype)
+            y = _normalize(x, state.mean, state.var, params, epsilon, lay)
             return y, state
 
         ghost = _check_training_layout(
@@ -369,7 +368,6 @@ def _normalize(
     params: Mapping[str, ArrayLike | None] | None,
     epsilon: Any,
     lay: _checks.Layout,
-    compute_dtype: Any,
 ) -> jax.Array:
     """Evaluation: ``(x - mean) * (scale * rsqrt(var + eps)) + bias`` in one fused pass.
 
@@ -397,7 +395,7 @@ def _scale_shift(
     arithmetic runs in float32 or wider (the widest of x, the statistics and the params).
     """
     dtype = wider_float(
-        mean.dtype, *(None if p is None else p.dtype for p in (scale, bias))
+        stats_dtype(x.dtype), mean.dtype, *(None if p is None else p.dtype for p in (scale, bias))
     )
     inv_std = jax.lax.rsqrt(var.astype(dtype) + epsilon)
     mul = inv_std if scale is None else inv_std * scale.astype(dtype).reshape(mean.shape)

@@ -122,7 +122,7 @@ def batch_renorm(
         )
         stats_dtype = _checks.stats_dtype(x.dtype)
         if not training:
-            y = _normalize(x, state.mean, state.var, params, epsilon, lay, stats_dtype)
+            y = _normalize(x, state.mean, state.var, params, epsilon, lay)
             return y, state
 
         ghost = _check_training_layout(

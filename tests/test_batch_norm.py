@@ -702,3 +702,21 @@ def test_no_gradient_flows_into_the_new_state():
         return jnp.sum(new.mean)
 
     np.testing.assert_array_equal(np.asarray(jax.grad(running_mean_sum)(x)), np.zeros(x.shape))
+
+
+def test_float64_eval_computes_in_float64_with_a_float32_state():
+    # Regression: eval once computed in the state's float32, so float64 input with
+    # |mean| >> std lost most of its digits ((x - mean) rounded to float32).
+    rng = np.random.default_rng(22)
+    x_np = rng.normal(1e3, 1e-3, size=(16, 3))
+    params, state = jaxbn.init(3)
+    state = state._replace(
+        mean=jnp.asarray(x_np.mean(0), jnp.float32), var=jnp.asarray(x_np.var(0), jnp.float32)
+    )
+    mean64 = np.asarray(state.mean, np.float64)
+    var64 = np.asarray(state.var, np.float64)
+    expected = (x_np - mean64) / np.sqrt(var64 + 1e-5)
+    with jax.enable_x64(True):
+        y, _ = jaxbn.batch_norm(jnp.asarray(x_np), params, state, training=False)
+        assert y.dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-9, atol=1e-9)
