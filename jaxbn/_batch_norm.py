@@ -61,9 +61,10 @@ def batch_norm(
     leaves the running statistics unchanged and is not counted.
 
     Training mode has a custom VJP whose backward needs two per-feature sums and one
-    elementwise pass (on GPU/TPU, 3 passes over ``x`` forward and 5 backward). Reverse-mode AD works at any order (``jax.grad`` of
-    ``jax.grad``, ``jax.hessian``); plain forward-mode AD (``jax.jvp``, ``jax.jacfwd``) of
-    training mode does not, as for any ``jax.custom_vjp``. Evaluation mode is plain JAX.
+    elementwise pass (on GPU/TPU, 3 passes over ``x`` forward and 5 backward). Reverse-mode
+    AD works at any order (``jax.grad`` of ``jax.grad``, ``jax.hessian``); plain forward-mode
+    AD (``jax.jvp``, ``jax.jacfwd``) of training mode does not, as for any
+    ``jax.custom_vjp``. Evaluation mode is plain JAX.
 
     Variants (keyword-only; the defaults are plain batch normalization):
 
