@@ -720,3 +720,43 @@ def test_float64_eval_computes_in_float64_with_a_float32_state():
         y, _ = jaxbn.batch_norm(jnp.asarray(x_np), params, state, training=False)
         assert y.dtype == jnp.float64
         np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_second_order_reverse_mode_matches_flax():
+    # The custom VJP's backward is itself differentiable: a Hessian-vector product through
+    # training-mode BN (as MAML or a gradient penalty needs) equals flax's plain-autodiff one.
+    import flax.linen as nn
+
+    rng = np.random.default_rng(23)
+    x = jnp.asarray(rng.normal(2.0, 1.5, size=(16, 3)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
+    params, state = jaxbn.init(3)
+    module = nn.BatchNorm(use_running_average=False, use_fast_variance=False)
+    variables = module.init(jax.random.key(0), x)
+
+    def ours(x):
+        return jnp.sum(jnp.tanh(jaxbn.batch_norm(x, params, state, training=True)[0]) * w)
+
+    def flax_loss(x):
+        y = module.apply(variables, x, mutable=["batch_stats"])[0]
+        return jnp.sum(jnp.tanh(y) * w)
+
+    def hvp(f):
+        return jax.grad(lambda x: jnp.vdot(jax.grad(f)(x), v))(x)
+
+    np.testing.assert_allclose(np.asarray(hvp(ours)), np.asarray(hvp(flax_loss)), atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(jax.hessian(ours)(x)), np.asarray(jax.hessian(flax_loss)(x)), atol=1e-4
+    )
+
+
+def test_forward_mode_of_training_is_refused_and_eval_supports_it():
+    params, state = jaxbn.init(3)
+    x = jnp.ones((4, 3))
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(lambda x: jaxbn.batch_norm(x, params, state, training=True)[0], (x,), (x,))
+    _, y_dot = jax.jvp(
+        lambda x: jaxbn.batch_norm(x, params, state, training=False)[0], (x,), (x,)
+    )
+    np.testing.assert_allclose(np.asarray(y_dot), np.asarray(x) / np.sqrt(1 + 1e-5), rtol=1e-6)
