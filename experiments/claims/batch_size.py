@@ -1,7 +1,7 @@
 """batch-size: BN is sensitive to small batches (seeds 000, 003).
 
 Command: ``python -m experiments run batch-size --quick`` (measured on a shared 2-core CPU:
-200 s quick; ``--full`` not yet measured).
+65-200 s quick, 214 s ``--full``).
 
 Setup: MLP 3×100 ReLU, Adam 1e-3, a fixed number of steps, batch sizes from 2 to 128 (quick:
 2, 16, 128; full: 2, 4, 8, 16, 32, 64, 128, 256), with no norm, BN, LayerNorm and

@@ -1,8 +1,8 @@
 """sync: synchronized statistics matter with small per-device batches.
 
-Command: ``python -m experiments run sync --quick`` (measured on a shared 2-core CPU: 57 s
-quick; the command line provides 8 host devices, otherwise this claim re-runs itself in a
-subprocess with ``--devices 8``).
+Command: ``python -m experiments run sync --quick`` (measured on a shared 2-core CPU:
+35-57 s quick, 116 s ``--full``; the command line provides 8 host devices, otherwise this
+claim re-runs itself in a subprocess with ``--devices 8``).
 
 Setup: MLP 3×100 ReLU with BN, Adam 1e-3, data parallel over 8 devices × 4 examples (global
 batch 32) with ``jax.shard_map``: BN statistics per device (4 examples each; running
