@@ -7,7 +7,18 @@
   synchronized over ``axis_name`` when one is given);
 - ``layer``: :class:`flax.linen.LayerNorm`;
 - ``group``: :class:`flax.linen.GroupNorm` with the largest of 8, 4, 2 or 1 groups that
-  divides the features.
+  divides the features;
+- ``renorm``: :class:`jaxbn.linen.BatchNorm` with ``use_renorm=True`` (Batch
+  Renormalization, Ioffe 2017) and fixed bounds ``r_max=3``, ``d_max=5`` from the first step
+  (the paper ramps them up from 1 and 0; with momentum 0.9 the running statistics the
+  correction uses settle within a few dozen steps, so no ramp is used here);
+- ``ghost``: :class:`jaxbn.linen.BatchNorm` with ghost batches (``virtual_batch_size``,
+  Hoffer et al. 2017) of :data:`GHOST_BATCH` examples: in training, the batch (on each
+  device) is split into groups of the largest divisor of its size that is <= 8 (8 for any
+  multiple of 8), each normalized with its own statistics. For a batch of 8 or fewer, or
+  any batch whose largest such divisor is the batch itself, that is plain BN (and is run as
+  plain BN). Ghost batches are local, so ``ghost`` never synchronizes over ``axis_name``
+  (with data parallelism the running statistics are still averaged by the training loop).
 
 ``placement="before"`` puts the norm between the linear map and the activation (Ioffe &
 Szegedy); ``"after"`` puts it after the activation (seed 004's tip). Every hidden layer is
@@ -25,15 +36,25 @@ import jax.numpy as jnp
 
 import jaxbn.linen
 
-__all__ = ["ACTIVATIONS", "CNN", "MLP", "NORMS", "make_model"]
+__all__ = ["ACTIVATIONS", "BATCH_NORMS", "CNN", "GHOST_BATCH", "MLP", "NORMS", "ghost_size",
+           "make_model"]
 
-NORMS = ("none", "bn", "layer", "group")
+NORMS = ("none", "bn", "layer", "group", "renorm", "ghost")
+BATCH_NORMS = ("bn", "renorm", "ghost")  # the norms with running statistics (batch_stats)
+GHOST_BATCH = 8  # the largest ghost batch of ``ghost``
+RENORM_R_MAX = 3.0
+RENORM_D_MAX = 5.0
 PLACEMENTS = ("before", "after")
 ACTIVATIONS = {"relu": nn.relu, "sigmoid": nn.sigmoid, "tanh": nn.tanh}
 
 
 def _groups(features: int) -> int:
     return next(g for g in (8, 4, 2, 1) if features % g == 0)
+
+
+def ghost_size(batch: int) -> int:
+    """The ghost-batch size of ``ghost`` for a batch of ``batch``: the largest divisor <= 8."""
+    return next(k for k in range(min(batch, GHOST_BATCH), 0, -1) if batch % k == 0)
 
 
 class Norm(nn.Module):
@@ -52,6 +73,23 @@ class Norm(nn.Module):
                 use_running_average=not train,
                 momentum=self.bn_momentum,
                 axis_name=self.axis_name,
+            )(x)
+        if self.kind == "renorm":
+            return jaxbn.linen.BatchNorm(
+                use_running_average=not train,
+                momentum=self.bn_momentum,
+                axis_name=self.axis_name,
+                use_renorm=True,
+                r_max=RENORM_R_MAX,
+                d_max=RENORM_D_MAX,
+            )(x)
+        if self.kind == "ghost":
+            size = ghost_size(x.shape[0])
+            return jaxbn.linen.BatchNorm(
+                use_running_average=not train,
+                momentum=self.bn_momentum,
+                axis_name=None,  # ghost batches are local: nothing to synchronize
+                virtual_batch_size=size if train and size < x.shape[0] else None,
             )(x)
         if self.kind == "layer":
             return nn.LayerNorm()(x)

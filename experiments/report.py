@@ -75,6 +75,12 @@ def verdict_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _claim_module(claim_id: str) -> Any:
+    from .claims import CLAIM_IDS, load_claim
+
+    return load_claim(claim_id) if claim_id in CLAIM_IDS else None
+
+
 def plot_claim(entry: dict[str, Any], path: str) -> None:
     import matplotlib
 
@@ -120,6 +126,9 @@ def write_report(out: str) -> str:
             lines.append(f"- Notes: {c['notes']}")
         runs = f"; runs in `{claim_id}/`" if os.path.isdir(os.path.join(out, claim_id)) else ""
         lines.append(f"- Runtime: {_fmt(c.get('runtime_s'), 3)} s{runs}.")
+        table = getattr(_claim_module(claim_id), "report_table", None)
+        if table is not None:
+            lines += ["", table(c)]
         lines += ["", f"![{claim_id}]({png})"]
         sections.append("\n".join(lines))
     counts = {v: sum(c["verdict"] == v for c in results["claims"].values()) for v in VERDICTS}

@@ -14,9 +14,17 @@ state stays at its last finite value, its later metrics are NaN, and the step ra
 NaN appeared is recorded (``diverged_at``). When every run has stopped the loop ends.
 
 Evaluation uses the running statistics (``train=False``) on the whole test set and on up to
-2,000 training examples. With ``devices > 1`` the step runs under ``jax.shard_map`` over a
-``"data"`` mesh axis: each device holds ``batch_size / devices`` examples, gradients are
-averaged with ``pmean``, and BN statistics are synchronized over ``"data"`` (``sync_bn=True``)
+2,000 training examples. With ``recalibration_batches = K > 0`` every evaluation is also done
+a second time with *recalibrated* statistics (PreciseBN, Wu & Johnson 2021): the current
+weights run K training-mode forwards of ``batch_size`` training examples each (drawn as
+training draws them, from a key of their own, the same K batches at every evaluation) with
+every batch norm's momentum forced to 0 (``flax.linen.intercept_methods``, as in the README),
+and ``jaxbn.recalibration_update`` pools the K batches' statistics exactly; those metrics get
+the suffix ``_recalibrated``. The training state itself keeps its running statistics.
+
+With ``devices > 1`` the step runs under ``jax.shard_map`` over a ``"data"`` mesh axis: each
+device holds ``batch_size / devices`` examples, gradients are averaged with ``pmean``, and BN
+statistics are synchronized over ``"data"`` (``sync_bn=True``)
 or computed per device (``sync_bn=False``; the running statistics are then averaged across
 devices after each step, as flax's ImageNet example does).
 
@@ -36,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,8 +52,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import jaxbn
+import jaxbn.linen
+
 from . import data as data_lib
-from .models import make_model
+from .models import BATCH_NORMS, make_model
 
 __all__ = ["Config", "Result", "TrainState", "Trainer", "train_and_evaluate", "with_changes"]
 
@@ -61,7 +73,7 @@ class Config:
     model: str = "mlp"  # "mlp" or "cnn"
     widths: tuple[int, ...] = (100, 100, 100)  # hidden widths (MLP) or channels (CNN)
     activation: str = "sigmoid"
-    norm: str = "none"  # "none", "bn", "layer", "group"
+    norm: str = "none"  # "none", "bn", "layer", "group", "renorm", "ghost"
     placement: str = "before"  # norm before or after the activation
     dropout: float = 0.0
     bn_momentum: float = 0.9  # EMA decay of the running statistics (keras' default)
@@ -76,6 +88,7 @@ class Config:
     sync_bn: bool = True  # with devices > 1: synchronize BN statistics over devices
     probe: bool = False  # record percentiles of the last hidden layer's pre-activations
     grad_norms: bool = False  # record per-layer gradient norms at initialization
+    recalibration_batches: int = 0  # > 0: also evaluate with stats pooled over K batches
     checkpoint_every: int = 0  # steps between orbax checkpoints (0: none)
     tensorboard: bool = False  # also write TensorBoard event files (needs tensorboardX)
 
@@ -158,6 +171,19 @@ def _standard_promotion(function: Callable) -> Callable:
     return wrapped
 
 
+def _momentum_zero(next_fun, args, kwargs, context):
+    """Interceptor: every batch norm runs with momentum 0 (its new running statistics are
+    the batch's own), on the same variables; the README's recalibration recipe."""
+    module = context.module
+    if (
+        isinstance(module, jaxbn.linen.BatchNorm)
+        and context.method_name == "__call__"
+        and module.momentum != 0.0
+    ):
+        return module.clone(parent=module.scope, momentum=0.0)(*args, **kwargs)
+    return next_fun(*args, **kwargs)
+
+
 class Trainer:
     """The compiled pieces of one config: ``init``, ``chunk`` of steps, ``evaluate``."""
 
@@ -185,6 +211,11 @@ class Trainer:
                 f"Expected `devices` <= {jax.device_count()} available devices, got "
                 f"{config.devices}. On CPU pass `--devices N` on the command line (it sets "
                 "XLA_FLAGS=--xla_force_host_platform_device_count=N before jax is imported)."
+            )
+        if config.recalibration_batches and config.norm not in BATCH_NORMS:
+            raise ValueError(
+                f"Expected a norm with running statistics {BATCH_NORMS} with "
+                f"`recalibration_batches`, got norm={config.norm!r}."
             )
         runs = config.runs()
         self.num_runs = len(runs)
@@ -218,6 +249,10 @@ class Trainer:
             jnp.array([run["seed"] for run in runs], dtype=jnp.uint32)
         )
         self.init_keys, self.data_keys, self.dropout_keys = keys[:, 0], keys[:, 1], keys[:, 2]
+        # Training draws batch `step` with fold_in(data_key, step), step < 2**31 - 1.
+        self.recalibration_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2**31 - 1))(
+            self.data_keys
+        )
         self.learning_rates = jnp.array([run["learning_rate"] for run in runs], jnp.float32)
         self.init_scales = jnp.array([run["init_scale"] for run in runs], jnp.float32)
         self._chunk = jax.jit(
@@ -225,6 +260,7 @@ class Trainer:
         )
         self._evaluate = jax.jit(_standard_promotion(self._evaluate_impl), static_argnums=2)
         self._grad_norms = jax.jit(_standard_promotion(self._grad_norms_impl))
+        self._recalibrated = jax.jit(_standard_promotion(self._recalibrated_impl))
 
     # ---------------------------------------------------------------- init
     def init(self) -> TrainState:
@@ -358,9 +394,43 @@ class Trainer:
         return jax.vmap(one)(params, batch_stats)
 
     def evaluate(self, state: TrainState, *, probe: bool = False) -> dict[str, np.ndarray]:
-        """Test and train metrics with the running statistics, per run (numpy)."""
+        """Test and train metrics with the running statistics, per run (numpy); with
+        ``recalibration_batches`` also with recalibrated ones (suffix ``_recalibrated``)."""
         out = self._evaluate(state.params, state.batch_stats, probe)
+        if self.config.recalibration_batches:
+            stats = self.recalibrated_stats(state)
+            again = self._evaluate(state.params, stats, False)
+            out = {**out, **{f"{k}_recalibrated": v for k, v in again.items()}}
         return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+
+    def recalibrated_stats(self, state: TrainState) -> Any:
+        """Per run, the BN statistics pooled exactly over ``recalibration_batches`` batches."""
+        return self._recalibrated(state.params, state.batch_stats)
+
+    def _recalibrated_impl(self, params, batch_stats):
+        n, b = self.x_train.shape[0], self.config.batch_size
+
+        def one(params, batch_stats, key):
+            def batch_stats_fn(x):
+                with nn.intercept_methods(_momentum_zero):
+                    _, updates = self.eval_model.apply(
+                        {"params": params, "batch_stats": batch_stats}, x, train=True,
+                        rngs={"dropout": key}, mutable=["batch_stats"],
+                    )
+                return updates["batch_stats"]
+
+            def body(acc, k):
+                x = self.x_train[_batch_indices(key, k, n, b)]
+                return jaxbn.recalibration_update(acc, batch_stats_fn(x), b), None
+
+            acc, _ = jax.lax.scan(
+                body,
+                jaxbn.recalibration_init(batch_stats),
+                jnp.arange(self.config.recalibration_batches, dtype=jnp.int32),
+            )
+            return jaxbn.recalibration_result(acc)
+
+        return jax.vmap(one)(params, batch_stats, self.recalibration_keys)
 
     def _grad_norms_impl(self, state: TrainState):
         n, b = self.x_train.shape[0], self.config.batch_size

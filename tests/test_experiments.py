@@ -18,7 +18,7 @@ import pytest
 
 from experiments import data, verdict
 from experiments.__main__ import main
-from experiments.models import NORMS, make_model
+from experiments.models import BATCH_NORMS, NORMS, make_model
 from experiments.train import Config, Trainer, train_and_evaluate
 
 TINY = Config(
@@ -102,7 +102,7 @@ def test_models_build_for_every_norm(kind, shape, norm):
     logits, _ = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)},
                             mutable=["batch_stats"])
     assert logits.shape == (4, 10)
-    assert ("batch_stats" in variables) == (norm == "bn")
+    assert ("batch_stats" in variables) == (norm in BATCH_NORMS)
 
 
 def test_model_rejects_unknown_names():
@@ -220,7 +220,7 @@ def test_cli_list_in_a_subprocess():
     out = subprocess.run([sys.executable, "-m", "experiments", "list"], capture_output=True,
                          text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     lines = out.stdout.strip().splitlines()
-    assert len(lines) == 11 and lines[0].startswith("convergence")
+    assert len(lines) == 12 and lines[0].startswith("convergence")
 
 
 def test_cli_run_writes_report_png_and_results(tmp_path, capsys):
