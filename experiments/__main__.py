@@ -22,6 +22,7 @@ CLAIM_IDS = (  # repeated from experiments.claims so that `list` and parsing imp
     "regularization",
     "depth",
     "batch-size",
+    "recalibration",
     "placement",
     "sync",
     "cnn",

@@ -35,6 +35,7 @@ CLAIM_IDS = (
     "regularization",
     "depth",
     "batch-size",
+    "recalibration",
     "placement",
     "sync",
     "cnn",
