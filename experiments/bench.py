@@ -6,7 +6,10 @@ says how many "elementwise passes" a layer costs, and it survives a noisy shared
 better than raw milliseconds. Implementations are interleaved within every round and the
 median over rounds is reported. Alongside the times, the optimized HLO gives exact counts:
 full-tensor memory passes, float32 copies of a bfloat16 input, and collectives per layer
-under ``shard_map`` (in a subprocess with 8 host devices).
+under ``shard_map`` (in a subprocess with 8 host devices). The ``folding`` check times the
+inference of a small NHWC CNN (Conv → BN → ReLU blocks) with eval-mode BN against the same
+CNN with every BN folded into its convolution by ``jaxbn.fold_conv``, and reports the largest
+absolute difference between the two outputs.
 
 Command: ``python -m experiments bench [--quick] [--out DIR]`` (about 4 minutes on 2 CPU
 cores, 1 with --quick). The same command runs unchanged on a GPU.
@@ -235,6 +238,70 @@ def _mlp_bench(rounds: int, depth: int = 20, width: int = 512, batch: int = 256)
     }
 
 
+def _folding_bench(
+    rounds: int,
+    batch: int = 64,
+    size: int = 32,
+    channels: tuple[int, ...] = (32, 64, 64, 128),
+    in_channels: int = 3,
+) -> dict[str, Any]:
+    """Inference of a CNN with eval-mode BN vs with BN folded into the convs (fold_conv)."""
+
+    class ConvNet(nn.Module):
+        folded: bool
+
+        @nn.compact
+        def __call__(self, x: jax.Array) -> jax.Array:
+            for i, c in enumerate(channels):
+                x = nn.Conv(c, (3, 3), strides=2 if i else 1, use_bias=self.folded,
+                            name=f"conv{i}")(x)
+                if not self.folded:
+                    x = jaxbn.linen.BatchNorm(use_running_average=True, name=f"bn{i}")(x)
+                x = nn.relu(x)
+            return jnp.mean(x, axis=(1, 2))
+
+    x = jax.random.normal(jax.random.key(0), (batch, size, size, in_channels))
+    model = ConvNet(folded=False)
+    variables = model.init(jax.random.key(1), x)
+    # Trained-looking BN parameters and running statistics, so the folding is not trivial.
+    keys = iter(jax.random.split(jax.random.key(2), 4 * len(channels)))
+    params = dict(variables["params"])
+    stats = dict(variables["batch_stats"])
+    for i, c in enumerate(channels):
+        params[f"bn{i}"] = {
+            "scale": jax.random.uniform(next(keys), (c,), minval=0.5, maxval=1.5),
+            "bias": 0.1 * jax.random.normal(next(keys), (c,)),
+        }
+        stats[f"bn{i}"] = {
+            "mean": 0.5 * jax.random.normal(next(keys), (c,)),
+            "var": jax.random.uniform(next(keys), (c,), minval=0.2, maxval=2.0),
+        }
+    folded_params = {}
+    for i in range(len(channels)):
+        kernel, bias = jaxbn.fold_conv(
+            params[f"conv{i}"]["kernel"], None, params[f"bn{i}"], stats[f"bn{i}"]
+        )
+        folded_params[f"conv{i}"] = {"kernel": kernel, "bias": bias}
+    folded_model = ConvNet(folded=True)
+    bn_fn = jax.jit(lambda x: model.apply({"params": params, "batch_stats": stats}, x))
+    folded_fn = jax.jit(lambda x: folded_model.apply({"params": folded_params}, x))
+    y_bn, y_folded = np.asarray(bn_fn(x)), np.asarray(folded_fn(x))
+    max_abs = float(np.max(np.abs(y_bn - y_folded)))
+    samples = _time_interleaved({"bn": lambda: bn_fn(x), "folded": lambda: folded_fn(x)}, rounds)
+    ms = {k: _median_ms(v) for k, v in samples.items()}
+    return {
+        "config": {"batch": batch, "size": size, "channels": list(channels),
+                   "in_channels": in_channels, "layout": "NHWC", "dtype": "float32",
+                   "blocks": "Conv3x3 (stride 2 after the first) -> BN -> ReLU, global mean"},
+        "ms": ms,
+        "folded_over_bn": statistics.median(
+            a / b for a, b in zip(samples["folded"], samples["bn"], strict=True)
+        ),
+        "max_abs_diff": max_abs,
+        "max_abs_output": float(np.max(np.abs(y_bn))),
+    }
+
+
 def run_bench(
     quick: bool = False,
     out: str | os.PathLike[str] | None = None,
@@ -242,11 +309,13 @@ def run_bench(
     shapes: tuple[tuple[str, tuple[int, ...], int, str], ...] | None = None,
     rounds: int | None = None,
     mlp: dict[str, int] | None = None,
+    folding: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Runs the benchmark, prints its table and writes ``bench.json`` and ``bench.png``.
 
-    ``shapes``, ``rounds`` and ``mlp`` (depth/width/batch) override the defaults; the
-    tests use them to run the whole benchmark at toy size.
+    ``shapes``, ``rounds``, ``mlp`` (depth/width/batch) and ``folding``
+    (batch/size/channels/in_channels) override the defaults; the tests use them to run the
+    whole benchmark at toy size.
     """
     rounds = rounds or (5 if quick else 15)
     shapes = shapes or (QUICK_SHAPES if quick else SHAPES)
@@ -300,6 +369,15 @@ def run_bench(
         f"{mlp['step_ratio_vs_no_bn']['flax']:.3f}x of no-BN; compile: jaxbn "
         f"{mlp['compile_ratio_vs_no_bn']['jaxbn']:.2f}x, flax "
         f"{mlp['compile_ratio_vs_no_bn']['flax']:.2f}x"
+    )
+    results["folding"] = _folding_bench(rounds, **(folding or {}))
+    fold = results["folding"]
+    print(
+        f"folding ({fold['config']['batch']}x{fold['config']['size']}x"
+        f"{fold['config']['size']} CNN {fold['config']['channels']}, eval): BN "
+        f"{fold['ms']['bn']:.3f} ms, folded {fold['ms']['folded']:.3f} ms "
+        f"({fold['folded_over_bn']:.3f}x); max |difference| {fold['max_abs_diff']:.2e} "
+        f"(outputs up to {fold['max_abs_output']:.3g})"
     )
     if out is not None:
         out = pathlib.Path(out)
