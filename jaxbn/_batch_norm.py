@@ -14,7 +14,14 @@ from jax.typing import ArrayLike
 from . import _checks
 from ._checks import AxisName, wider_float
 from ._dtypes import stats_dtype
-from ._moments import combine, local_moments, mean_and_var, sum_over, sync_sum
+from ._moments import (
+    combine,
+    local_moments,
+    mean_and_var,
+    sum_over,
+    sync_sum,
+    well_conditioned,
+)
 from ._state import BatchStats
 
 __all__ = ["batch_norm"]
@@ -54,11 +61,12 @@ def batch_norm(
     state is returned as given.
 
     Statistics are computed in float32 (or wider, for float64 input) whatever the input
-    dtype; the output has the dtype of ``x``. The moments are one shifted pass over ``x``
-    (sums of ``x - r`` and ``(x - r)²`` with ``r`` near the mean, taken from the first
-    example), merged across devices with Chan's formula, so the variance stays accurate when
-    ``|mean| >> std``. A batch whose statistics are not finite (a NaN or inf in ``x``)
-    leaves the running statistics unchanged and is not counted.
+    dtype; the output has the dtype of ``x``. The moments take one pass over ``x`` (``Σ x``
+    and ``Σ x²``); when a feature has ``mean² > 100·var``, where that form loses precision,
+    the variance is recomputed from centred values, so it stays accurate when
+    ``|mean| >> std``. Devices are merged with Chan's formula. A batch whose statistics are
+    not finite (a NaN or inf in ``x``) leaves the running statistics unchanged and is not
+    counted.
 
     Training mode has a custom VJP whose backward needs two per-feature sums and one
     elementwise pass (on GPU/TPU, 3 passes over ``x`` forward and 5 backward). Reverse-mode
@@ -483,22 +491,26 @@ def _train_fwd(
         moments = combine(moments, sync.axis_name, sync.axis_index_groups)
     mean, var = mean_and_var(moments)
     y, mul, inv_std = _scale_shift(x, mean, var, scale, bias, epsilon)
-    residuals = (x, scale, bias, mask, epsilon, mean, inv_std, mul, moments.valid_count)
+    conditioned = well_conditioned(mean, var)
+    count = moments.valid_count
+    residuals = (x, scale, bias, mask, epsilon, mean, inv_std, mul, count, conditioned)
     return (y, mean, var, moments.valid_count), residuals
 
 
 def _train_bwd(
     sync: _Sync, residuals: tuple[Any, ...], cotangents: tuple[jax.Array, ...]
 ) -> tuple[Any, ...]:
-    x, scale, bias, mask, epsilon, mean, inv_std, mul, valid_count = residuals
+    x, scale, bias, mask, epsilon, mean, inv_std, mul, valid_count, conditioned = residuals
     dy = cotangents[0]  # the statistics outputs only feed the stop-gradient'ed state
     axes = sync.reduction_axes
     g = dy.astype(mul.dtype)
-    x_hat = (x.astype(mul.dtype) - mean.astype(mul.dtype)) * inv_std
+    values = x.astype(mul.dtype)
+    mean = mean.astype(mul.dtype)
+    x_hat = (values - mean) * inv_std
     # Every output is normalized with the batch statistics, so Σ dy and Σ dy·x̂ run over all
     # entries; only the valid entries moved the statistics, so only they get that term.
     # The same two sums are the gradients of the bias and the scale.
-    sum_dy_local, sum_dy_xhat_local = _sum_over(axes, g, g * x_hat)
+    sum_dy_local, sum_dy_xhat_local = _grad_sums(axes, g, values, mean, inv_std, conditioned)
     sums = jnp.stack([sum_dy_local, sum_dy_xhat_local])
     names = () if sync.axis_name is None else sync.axis_name
     names = names if isinstance(names, tuple) else (names,)
@@ -529,8 +541,32 @@ def _train_bwd(
 _train.defvjp(_train_fwd, _train_bwd)
 
 
-def _sum_over(axes: tuple[int, ...], *operands: jax.Array) -> tuple[jax.Array, ...]:
-    return sum_over(operands, axes) if axes else operands
+def _grad_sums(
+    axes: tuple[int, ...],
+    g: jax.Array,
+    values: jax.Array,
+    mean: jax.Array,
+    inv_std: jax.Array,
+    conditioned: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """``(Σ g, Σ g·x̂)`` over ``axes``, with ``x̂ = (x - mean) · inv_std``.
+
+    When the batch is well conditioned (``mean² ≤ CONDITION·var``), ``Σ g·x̂`` is taken as
+    ``inv_std · (Σ g·x - mean · Σ g)``: sums of full-shape operands only, which XLA:CPU
+    reduces without writing out a broadcast ``mean``. Otherwise from centred values.
+    """
+    if not axes:
+        return g, g * (values - mean) * inv_std
+
+    def direct() -> tuple[jax.Array, jax.Array]:
+        sum_g, sum_gx = sum_over((g, g * values), axes)
+        return sum_g, inv_std * (sum_gx - mean * sum_g)
+
+    def centred() -> tuple[jax.Array, jax.Array]:
+        sum_g, sum_gx_hat = sum_over((g, g * ((values - mean) * inv_std)), axes)
+        return sum_g, sum_gx_hat
+
+    return jax.lax.cond(conditioned, direct, centred)
 
 
 def _psum_if(value: jax.Array, names: tuple[Hashable, ...]) -> jax.Array:

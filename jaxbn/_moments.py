@@ -19,9 +19,9 @@ __all__ = [
     "combine",
     "local_moments",
     "mean_and_var",
-    "reference",
     "sum_over",
     "sync_sum",
+    "well_conditioned",
 ]
 
 
@@ -34,59 +34,20 @@ class Moments(NamedTuple):
     m2: jax.Array  # sum of squared deviations from `mean`
 
 
+# Below this ratio of mean² to variance, E[x²] - E[x]² in float32 keeps a relative error
+# under ~1e-5; above it, the variance is recomputed from centred values.
+CONDITION = 100.0
+
+
 def sum_over(operands: Sequence[jax.Array], axes: tuple[int, ...]) -> tuple[jax.Array, ...]:
     """Sums each operand over ``axes``, keeping them as size 1.
 
-    Plain sums of fused producers (casts, subtractions, products): XLA:GPU and XLA:TPU merge
-    sibling reductions of the same input into one multi-output kernel, so the input is read
-    once; XLA:CPU runs each as its own vectorized kernel, which measures 5-15x faster there
-    than one variadic ``lax.reduce`` (see ``python -m experiments bench``).
+    Plain sums of fused producers (casts, products): XLA:GPU and XLA:TPU merge sibling
+    reductions of the same input into one multi-output kernel, so the input is read once;
+    XLA:CPU runs each as its own vectorized kernel. Operands of ``x``'s full shape only: a
+    per-feature vector broadcast inside a reduction makes XLA:CPU write the broadcast out.
     """
     return tuple(jnp.sum(op, axis=axes, keepdims=True) for op in operands)
-
-
-def reference(
-    x: jax.Array, reduction_axes: tuple[int, ...], mask: jax.Array | None, dtype: Any
-) -> jax.Array:
-    """A per-feature value near the mean, to shift the data by before summing.
-
-    The (masked) mean of the first slice of ``x`` along its first reduction axis: one
-    example for ``(N, C)``, one image's pixels for NHWC. It reads ``1/N`` of ``x``. Sums of
-    ``x - reference`` have the size of the standard deviation, so ``sum(d**2) - sum(d)**2/n``
-    keeps its precision when ``|mean| >> std``. No gradient flows through it: the moments do
-    not depend on the shift mathematically.
-    """
-    if x.shape[reduction_axes[0]] == 0:  # an empty batch: no first example, nothing to shift
-        kept = tuple(1 if a in reduction_axes else d for a, d in enumerate(x.shape))
-        return jnp.zeros(kept, dtype)
-    if _sharded_explicitly(x, reduction_axes):
-        # Under explicit sharding the first example lives on one device and JAX refuses
-        # to slice it out implicitly; the mean itself (one more pass) is the safe shift.
-        return lax.stop_gradient(_masked_mean(x, reduction_axes, mask, dtype))
-    first = lax.slice_in_dim(x, 0, 1, axis=reduction_axes[0])
-    first_mask = (
-        None
-        if mask is None
-        else lax.slice_in_dim(jnp.broadcast_to(mask, x.shape), 0, 1, axis=reduction_axes[0])
-    )
-    return lax.stop_gradient(_masked_mean(first, reduction_axes, first_mask, dtype))
-
-
-def _sharded_explicitly(x: jax.Array, axes: tuple[int, ...]) -> bool:
-    """Whether ``x`` is typed as sharded (explicit sharding mode) along one of ``axes``."""
-    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
-    return spec is not None and any(a < len(spec) and spec[a] is not None for a in axes)
-
-
-def _masked_mean(
-    x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, dtype: Any
-) -> jax.Array:
-    """The mean of the True entries of ``x`` over ``axes``, accumulated in ``dtype``."""
-    if mask is None:
-        return jnp.mean(x, axis=axes, keepdims=True, dtype=dtype)
-    mask = jnp.broadcast_to(mask, x.shape)
-    total = jnp.sum(jnp.where(mask, x, 0), axis=axes, keepdims=True, dtype=dtype)
-    return total / jnp.maximum(jnp.sum(mask, axis=axes, keepdims=True, dtype=dtype), 1)
 
 
 def local_moments(
@@ -98,51 +59,45 @@ def local_moments(
     """Count, mean and M2 of ``x`` over ``reduction_axes``, counting only ``mask``'s entries.
 
     The results keep the feature axes and have size 1 on the reduction axes, so they
-    broadcast against ``x``. Two algorithms, both accurate when ``|mean| >> std``, chosen per
-    platform when the program is lowered:
-
-    - GPU/TPU (and the default): one shifted pass, ``S1 = Σ d`` and ``S2 = Σ d²`` with
-      ``d = x - reference`` (see :func:`reference`), ``mean = reference + S1/n``,
-      ``M2 = S2 - S1²/n``. XLA fuses the two sibling sums into one read of ``x``.
-    - CPU: two passes, ``mean = Σ x / n`` then ``M2 = Σ (x - mean)²``. XLA:CPU does not fuse
-      sibling reductions, and each of these fuses its producer into one fast vectorized
-      kernel, which measures faster than the one-pass form there.
+    broadcast against ``x``. One pass gives ``S1 = Σ x`` and ``S2 = Σ x²`` (accumulated in
+    ``dtype``), hence ``mean = S1/n`` and ``M2 = S2 - S1·mean``. That difference cancels
+    catastrophically when ``mean² >> var`` (flax's default loses the variance entirely at
+    mean 1e4, std 1), so whenever some feature has ``mean² > CONDITION · var`` the variance
+    is recomputed from centred values, ``M2 = Σ (x - mean)²`` (``lax.cond``: that second pass
+    runs only for such batches, typically raw inputs, never for normalized activations).
     """
     if not reduction_axes:  # every axis is a feature axis: one entry per feature (vmap sync)
         count = jnp.ones(x.shape, dtype) if mask is None else jnp.broadcast_to(mask, x.shape)
         count = count.astype(dtype)
         return Moments(count, x.astype(dtype) * count, jnp.zeros(x.shape, dtype))
+    values = x.astype(dtype)
     if mask is None:
         kept = tuple(1 if a in reduction_axes else d for a, d in enumerate(x.shape))
         count = jnp.full(kept, _prod([x.shape[a] for a in reduction_axes]), dtype)
-        valid = None
     else:
         valid = jnp.broadcast_to(mask, x.shape)
+        values = jnp.where(valid, values, 0)
         count = jnp.sum(valid, axis=reduction_axes, keepdims=True, dtype=dtype)
     safe_count = jnp.maximum(count, 1)
+    total, total_sq = sum_over((values, values * values), reduction_axes)
+    mean = total / safe_count
+    m2_fast = jnp.maximum(total_sq - total * mean, 0)
 
-    def one_pass(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        ref = reference(x, reduction_axes, mask, dtype)
-        centered = x.astype(dtype) - ref
-        if valid is not None:
-            centered = jnp.where(valid, centered, 0)
-        sum_d, sum_d2 = sum_over((centered, centered * centered), reduction_axes)
-        correction = sum_d / safe_count
-        return ref + correction, jnp.maximum(sum_d2 - sum_d * correction, 0)
-
-    def two_pass(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        values = x if valid is None else jnp.where(valid, x, 0)
-        total = jnp.sum(values, axis=reduction_axes, keepdims=True, dtype=dtype)
-        mean = total / safe_count
-        # `mean - x`, not `x - mean`: the normalization computes `x - mean`, and XLA would
-        # share that one subtraction, writing and re-reading an x-sized array.
-        squares = jnp.square(mean - x.astype(dtype))
-        if valid is not None:
+    def centred() -> jax.Array:
+        # `mean - values`, not `values - mean`: keeps XLA from sharing one subtraction with
+        # the normalization and writing it out.
+        squares = jnp.square(mean - values)
+        if mask is not None:
             squares = jnp.where(valid, squares, 0)
-        return mean, jnp.sum(squares, axis=reduction_axes, keepdims=True)
+        return jnp.sum(squares, axis=reduction_axes, keepdims=True)
 
-    mean, m2 = lax.platform_dependent(x, cpu=two_pass, default=one_pass)
+    m2 = lax.cond(well_conditioned(mean, m2_fast / safe_count), lambda: m2_fast, centred)
     return Moments(count, mean, m2)
+
+
+def well_conditioned(mean: jax.Array, var: jax.Array) -> jax.Array:
+    """Whether ``Σ x² - n·mean²``-style formulas are accurate for every feature (a bool)."""
+    return jnp.all(jnp.square(mean) <= CONDITION * var)
 
 
 def _prod(shape: list[int]) -> int:
