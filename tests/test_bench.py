@@ -72,7 +72,11 @@ def test_the_benchmark_runs_at_toy_size(tmp_path):
     shapes = (("toy", (8, 4), -1, "float32"), ("toy bf16", (4, 2, 2, 4), -1, "bfloat16"))
     with jax.numpy_dtype_promotion("standard"):
         results = bench.run_bench(
-            out=tmp_path, shapes=shapes, rounds=1, mlp={"depth": 2, "width": 8, "batch": 4}
+            out=tmp_path,
+            shapes=shapes,
+            rounds=1,
+            mlp={"depth": 2, "width": 8, "batch": 4},
+            folding={"batch": 2, "size": 4, "channels": (4, 8)},
         )
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert (tmp_path / "bench.png").stat().st_size > 0
@@ -86,3 +90,4 @@ def test_the_benchmark_runs_at_toy_size(tmp_path):
         "forward_backward": 2,
     }
     assert set(saved["mlp"]["step_ratio_vs_no_bn"]) == {"jaxbn", "flax"}
+    assert saved["folding"]["max_abs_diff"] <= 1e-5
