@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -17,6 +18,7 @@ from ._batch_norm import (
     _check_training_layout,
     _groups,
     _normalize,
+    batch_norm,
     update_from_batch,
 )
 from ._checks import AxisName, wider_float
@@ -181,3 +183,26 @@ def _per_group(ghost: Ghost, value: jax.Array, shape: tuple[int, ...], dtype: An
     """A running statistic broadcast against the grouped ``x``, in ``dtype``."""
     grouped = ghost.per_group(value.astype(dtype))
     return grouped.reshape(shape)
+
+
+def bound_normalizer(
+    *,
+    use_renorm: bool,
+    r_max: ArrayLike,
+    d_max: ArrayLike,
+    virtual_batch_size: int | None,
+    debias: bool,
+    unbiased_running_var: bool,
+) -> Callable[..., tuple[jax.Array, BatchStats]]:
+    """``batch_norm``, or ``batch_renorm`` when ``use_renorm``, with the variant options bound.
+
+    The Flax adapters translate their fields through this one place.
+    """
+    options: dict[str, Any] = {
+        "virtual_batch_size": virtual_batch_size,
+        "debias": debias,
+        "unbiased_running_var": unbiased_running_var,
+    }
+    if use_renorm:
+        return functools.partial(batch_renorm, r_max=r_max, d_max=d_max, **options)
+    return functools.partial(batch_norm, **options)

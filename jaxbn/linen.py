@@ -20,10 +20,9 @@ import jax.numpy as jnp
 from flax.linen import initializers
 from flax.typing import Dtype, Initializer
 
-from ._batch_norm import batch_norm
 from ._checks import layout, wider_float, with_shape
 from ._checks import stats_dtype as stats_dtype_of
-from ._renorm import batch_renorm
+from ._renorm import bound_normalizer
 from ._state import BatchStats
 
 __all__ = ["BatchNorm"]
@@ -165,16 +164,14 @@ class BatchNorm(nn.Module):
             count=jnp.zeros((), jnp.int32) if count is None else count.value,
         )
         initializing = self.is_initializing()
-        variant: dict[str, Any] = {
-            "virtual_batch_size": self.virtual_batch_size,
-            "debias": self.debias,
-            "unbiased_running_var": self.unbiased_running_var,
-        }
-        if self.use_renorm:
-            normalize: Any = batch_renorm
-            variant.update(r_max=self.r_max, d_max=self.d_max)
-        else:
-            normalize = batch_norm
+        normalize = bound_normalizer(
+            use_renorm=self.use_renorm,
+            r_max=self.r_max,
+            d_max=self.d_max,
+            virtual_batch_size=self.virtual_batch_size,
+            debias=self.debias,
+            unbiased_running_var=self.unbiased_running_var,
+        )
         y, new_state = normalize(
             x.astype(wider_float(x.dtype, out_dtype)),
             {"scale": scale, "bias": bias},
@@ -186,7 +183,6 @@ class BatchNorm(nn.Module):
             axis_name=None if initializing else self.axis_name,
             axis_index_groups=None if initializing else self.axis_index_groups,
             mask=mask,
-            **variant,
         )
         if not use_running_average and not initializing:
             ra_mean.value = new_state.mean.astype(ra_mean.value.dtype)

@@ -17,10 +17,9 @@ from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
-from ._batch_norm import batch_norm
 from ._checks import stats_dtype as stats_dtype_of
 from ._checks import wider_float
-from ._renorm import batch_renorm
+from ._renorm import bound_normalizer
 from ._state import BatchStats
 
 __all__ = ["BatchNorm"]
@@ -200,16 +199,14 @@ class BatchNorm(nnx.Module):
             var=var.astype(stats_dtype),
             count=jnp.zeros((), jnp.int32) if self.count is None else self.count[...],
         )
-        variant: dict[str, Any] = {
-            "virtual_batch_size": self.virtual_batch_size,
-            "debias": self.debias,
-            "unbiased_running_var": self.unbiased_running_var,
-        }
-        if self.use_renorm:
-            normalize: Any = batch_renorm
-            variant.update(r_max=self.r_max, d_max=self.d_max)
-        else:
-            normalize = batch_norm
+        normalize = bound_normalizer(
+            use_renorm=self.use_renorm,
+            r_max=self.r_max,
+            d_max=self.d_max,
+            virtual_batch_size=self.virtual_batch_size,
+            debias=self.debias,
+            unbiased_running_var=self.unbiased_running_var,
+        )
         y, new_state = normalize(
             x,
             {"scale": scale, "bias": bias},
@@ -221,7 +218,6 @@ class BatchNorm(nnx.Module):
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
             mask=mask,
-            **variant,
         )
         if not use_running_average:
             self.mean[...] = new_state.mean.astype(stored_mean.dtype)
