@@ -20,7 +20,7 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute
 _SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)\((.*)$")
 _FREE = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "copy-start",
-         "copy-done", "after-all", "partition-id", "replica-id"}
+         "copy-done", "after-all", "partition-id", "replica-id", "conditional"}
 
 
 @dataclass(frozen=True)
