@@ -4,9 +4,8 @@ Times on a shared machine are noisy; these counts are not. A *pass* is one read 
 of an array the size of the input tensor by a top-level operation of the compiled program
 (a fusion reads each of its operands once and writes each output once). A fusion operand
 that is only sliced counts the slice's share, so taking one example out of a batch is not a
-pass. A ``conditional`` passes its operands by reference and is not counted: what its taken
-branch reads is the branch's (jaxbn's centred-variance branch runs only for batches with
-mean² > 100·var).
+pass. A ``conditional`` counts its cheaper branch, the one that runs in the common case
+(jaxbn's centred-variance branch runs only for batches with mean² > 100·var).
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute
 _SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)\((.*)$")
 _FREE = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "copy-start",
-         "copy-done", "after-all", "partition-id", "replica-id", "conditional"}
+         "copy-done", "after-all", "partition-id", "replica-id"}
 
 
 @dataclass(frozen=True)
@@ -116,15 +115,33 @@ def _read_share(fused: list[str], value: str, numel: int) -> float:
 def count_passes(hlo: str, numel: int) -> Passes:
     """Counts the full-tensor passes of the ENTRY computation of an optimized HLO module."""
     comps = _computations(hlo)
+    reads, writes, f32_copies = _count_lines(comps, comps.get("ENTRY", []), numel)
+    return Passes(reads=round(reads, 3), writes=writes, f32_copies=f32_copies)
+
+
+def _count_lines(
+    comps: dict[str, list[str]], lines: list[str], numel: int
+) -> tuple[float, float, int]:
     sizes: dict[str, list[tuple[str, int]]] = {}
     reads = writes = 0.0
     f32_copies = 0
-    for line in comps.get("ENTRY", []):
+    for line in lines:
         m = _INSTR.match(line)
         if not m:
             continue
         name, type_text, op, args = m.groups()
         sizes[name] = _numels(type_text)
+        if op == "conditional":
+            # Only one branch runs: count the cheaper one (jaxbn's centred-variance branch,
+            # the dearer one, runs only for batches with mean² > 100·var).
+            branches = re.search(r"branch_computations=\{([^}]*)\}", args)
+            names = re.findall(r"%?([\w.\-]+)", branches.group(1)) if branches else []
+            counted = [_count_lines(comps, comps.get(b, []), numel) for b in names]
+            if counted:
+                cheapest = min(counted, key=lambda c: c[0] + c[1])
+                reads, writes = reads + cheapest[0], writes + cheapest[1]
+                f32_copies += cheapest[2]
+            continue
         if op in _FREE:
             continue
         called = re.search(r"calls=%([\w.\-]+)", args)
@@ -136,7 +153,7 @@ def count_passes(hlo: str, numel: int) -> Passes:
             if n == numel:
                 writes += 1
                 f32_copies += dtype == "f32"
-    return Passes(reads=round(reads, 3), writes=writes, f32_copies=f32_copies)
+    return reads, writes, f32_copies
 
 
 def count_collectives(hlo: str) -> dict[str, int]:
