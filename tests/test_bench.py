@@ -91,3 +91,17 @@ def test_the_benchmark_runs_at_toy_size(tmp_path):
     }
     assert set(saved["mlp"]["step_ratio_vs_no_bn"]) == {"jaxbn", "flax"}
     assert saved["folding"]["max_abs_diff"] <= 1e-5
+
+
+def test_a_conditional_counts_its_cheaper_branch():
+    x = jnp.ones(SHAPE)
+
+    def f(x, flag):
+        return jax.lax.cond(
+            flag,
+            lambda: jnp.sum(x, axis=(0, 1, 2)),
+            lambda: jnp.sum(x, axis=(0, 1, 2)) + jnp.sum(jnp.square(x - 1.0), axis=(0, 1, 2)),
+        )
+
+    passes = count_passes(_hlo(f, x, jnp.asarray(True)), NUMEL)
+    assert (passes.reads, passes.writes) == (1, 0)
