@@ -19,6 +19,7 @@ __all__ = [
     "combine",
     "local_moments",
     "mean_and_var",
+    "merge",
     "sum_over",
     "sync_sum",
     "well_conditioned",
@@ -167,6 +168,19 @@ def sync_sum(value: jax.Array, axis_name: AxisName, axis_index_groups: Any) -> j
         gathered = lax.all_gather(value, axis_name, axis_index_groups=axis_index_groups)
         return jnp.sum(gathered, axis=0)
     return lax.psum(value, axis_name)
+
+
+def merge(a: Moments, b: Moments) -> Moments:
+    """Chan et al.'s merge of the moments of two disjoint sets (either may be empty).
+
+    The streaming form of :func:`combine`: ``n = n_a + n_b``, ``δ = mean_b - mean_a``,
+    ``mean = mean_a + δ·n_b/n``, ``M2 = M2_a + M2_b + δ²·n_a·n_b/n``.
+    """
+    count = a.valid_count + b.valid_count
+    weight = b.valid_count / jnp.maximum(count, 1)
+    delta = b.mean - a.mean
+    m2 = a.m2 + b.m2 + delta * delta * a.valid_count * weight
+    return Moments(count, a.mean + delta * weight, m2)
 
 
 def mean_and_var(moments: Moments) -> tuple[jax.Array, jax.Array]:

@@ -24,6 +24,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from ._dtypes import stats_dtype
+from ._moments import Moments, merge
 from ._state import BatchStats
 
 __all__ = [
@@ -218,19 +219,17 @@ def _merge(pooled: PooledStats, batch: Any, count: Any, index: int) -> PooledSta
         )
     n_b = jnp.broadcast_to(jnp.asarray(count).astype(dtype), shape)
     n_b = jnp.where(n_b > 0, n_b, jnp.zeros_like(n_b))
-    n_a = pooled.count
-    total = n_a + n_b
-    weight = n_b / jnp.maximum(total, 1)  # n_b / n, 0 where nothing was merged
-    delta = batch_mean.astype(dtype) - pooled.mean
-    new_mean = pooled.mean + delta * weight
     batch_m2 = n_b * jnp.maximum(batch_var.astype(dtype), 0)
-    new_m2 = pooled.m2 + batch_m2 + delta * delta * n_a * weight
+    merged = merge(
+        Moments(pooled.count, pooled.mean, pooled.m2),
+        Moments(n_b, batch_mean.astype(dtype), batch_m2),
+    )
     keep = n_b == 0  # unmerged features keep their values, even if the batch's are NaN
     contributed = jnp.any(n_b > 0).astype(jnp.int32)
     return PooledStats(
-        count=total,
-        mean=jnp.where(keep, pooled.mean, new_mean),
-        m2=jnp.where(keep, pooled.m2, new_m2),
+        count=merged.valid_count,
+        mean=jnp.where(keep, pooled.mean, merged.mean),
+        m2=jnp.where(keep, pooled.m2, merged.m2),
         batches=pooled.batches + contributed,
     )
 
