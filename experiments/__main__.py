@@ -14,20 +14,8 @@ import time
 import traceback
 from typing import Any
 
-CLAIM_IDS = (  # repeated from experiments.claims so that `list` and parsing import no jax
-    "convergence",
-    "covariate-shift",
-    "learning-rate",
-    "initialization",
-    "regularization",
-    "depth",
-    "batch-size",
-    "recalibration",
-    "placement",
-    "sync",
-    "cnn",
-    "overhead",
-)
+from .claims import CLAIM_IDS  # imports no jax: parsing must precede XLA_FLAGS
+
 SYNC_DEVICES = 8
 
 DESCRIPTION = """\
