@@ -18,6 +18,7 @@ from ._moments import (
     combine,
     local_moments,
     mean_and_var,
+    separate_reads,
     sum_over,
     sync_sum,
     well_conditioned,
@@ -510,7 +511,7 @@ def _train_bwd(
     # Every output is normalized with the batch statistics, so Σ dy and Σ dy·x̂ run over all
     # entries; only the valid entries moved the statistics, so only they get that term.
     # The same two sums are the gradients of the bias and the scale.
-    sum_dy_local, sum_dy_xhat_local = _grad_sums(axes, g, values, mean, inv_std, conditioned)
+    sum_dy_local, sum_dy_xhat_local = _grad_sums(axes, dy, x, mean, inv_std, conditioned)
     sums = jnp.stack([sum_dy_local, sum_dy_xhat_local])
     names = () if sync.axis_name is None else sync.axis_name
     names = names if isinstance(names, tuple) else (names,)
@@ -543,27 +544,40 @@ _train.defvjp(_train_fwd, _train_bwd)
 
 def _grad_sums(
     axes: tuple[int, ...],
-    g: jax.Array,
-    values: jax.Array,
+    dy: jax.Array,
+    x: jax.Array,
     mean: jax.Array,
     inv_std: jax.Array,
     conditioned: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    """``(Σ g, Σ g·x̂)`` over ``axes``, with ``x̂ = (x - mean) · inv_std``.
+    """``(Σ g, Σ g·x̂)`` over ``axes``, with ``g = dy`` and ``x̂ = (x - mean) · inv_std``.
 
     When the batch is well conditioned (``mean² ≤ CONDITION·var``), ``Σ g·x̂`` is taken as
     ``inv_std · (Σ g·x - mean · Σ g)``: sums of full-shape operands only, which XLA:CPU
     reduces without writing out a broadcast ``mean``. Otherwise from centred values.
+    ``dy`` and ``x`` enter in their own dtype and are widened inside each sum (see
+    :func:`~jaxbn._moments.separate_reads`), so no widened copy is written out.
     """
+    dtype = mean.dtype
     if not axes:
-        return g, g * (values - mean) * inv_std
+        g = dy.astype(dtype)
+        return g, g * (x.astype(dtype) - mean) * inv_std
+    if dy.dtype != jnp.bfloat16:
+        # float16 (which XLA:CPU's sums do not read natively): one widened copy, shared by
+        # both branches and the dx kernel, is cheaper than one inside the branch.
+        dy, x = dy.astype(dtype), x.astype(dtype)
 
     def direct() -> tuple[jax.Array, jax.Array]:
-        sum_g, sum_gx = sum_over((g, g * values), axes)
+        g, g_too = (v.astype(dtype) for v in separate_reads(dy, dtype))
+        (values,) = separate_reads(x, dtype, 1)
+        sum_g, sum_gx = sum_over((g, g_too * values.astype(dtype)), axes)
         return sum_g, inv_std * (sum_gx - mean * sum_g)
 
     def centred() -> tuple[jax.Array, jax.Array]:
-        sum_g, sum_gx_hat = sum_over((g, g * ((values - mean) * inv_std)), axes)
+        g, g_too = (v.astype(dtype) for v in separate_reads(dy, dtype))
+        (values,) = separate_reads(x, dtype, 1)
+        x_hat = (values.astype(dtype) - mean) * inv_std
+        sum_g, sum_gx_hat = sum_over((g, g_too * x_hat), axes)
         return sum_g, sum_gx_hat
 
     return jax.lax.cond(conditioned, direct, centred)

@@ -20,6 +20,7 @@ __all__ = [
     "local_moments",
     "mean_and_var",
     "merge",
+    "separate_reads",
     "sum_over",
     "sync_sum",
     "well_conditioned",
@@ -51,6 +52,33 @@ def sum_over(operands: Sequence[jax.Array], axes: tuple[int, ...]) -> tuple[jax.
     return tuple(jnp.sum(op, axis=axes, keepdims=True) for op in operands)
 
 
+def separate_reads(x: jax.Array, dtype: Any, n: int = 2) -> tuple[jax.Array, ...]:
+    """``n`` times ``x`` itself, but on XLA:CPU as values that no other read of ``x`` merges with.
+
+    Widening a bfloat16 ``x`` to the float32 statistics dtype is free inside a reduction:
+    XLA:CPU's vectorized sum reads bfloat16 and accumulates in float32.
+    But when two sums (``Σx`` and ``Σx²``), or a sum and the normalization, widen the same
+    ``x``, XLA merges the identical converts into one with several users, and writes the
+    float32 copy of ``x`` out to memory (a full-size write and reads of twice the bytes).
+    Giving each sum its own copy of the value (the outputs of one ``optimization_barrier``,
+    which costs nothing at run time) keeps each convert inside its own sum. Only on CPU:
+    XLA:GPU and XLA:TPU fuse sibling reductions of the same value into one kernel that reads
+    ``x`` once, which the barrier would prevent; ``lax.platform_dependent`` picks the
+    branch when the program is lowered.
+    """
+    copies = (x,) * n
+    if x.dtype != jnp.bfloat16 or jnp.dtype(dtype).itemsize <= 2:
+        # float32 and wider need no widening. XLA:CPU's sums do not read float16 natively:
+        # a float16 x is widened by a separate kernel either way, and one shared float32
+        # copy is cheaper than one per sum.
+        return copies
+    return tuple(
+        lax.platform_dependent(
+            *copies, cpu=lambda *c: lax.optimization_barrier(c), default=lambda *c: c
+        )
+    )
+
+
 def local_moments(
     x: jax.Array,
     reduction_axes: tuple[int, ...],
@@ -71,23 +99,29 @@ def local_moments(
         count = jnp.ones(x.shape, dtype) if mask is None else jnp.broadcast_to(mask, x.shape)
         count = count.astype(dtype)
         return Moments(count, x.astype(dtype) * count, jnp.zeros(x.shape, dtype))
-    values = x.astype(dtype)
     if mask is None:
         kept = tuple(1 if a in reduction_axes else d for a, d in enumerate(x.shape))
         count = jnp.full(kept, _prod([x.shape[a] for a in reduction_axes]), dtype)
     else:
         valid = jnp.broadcast_to(mask, x.shape)
-        values = jnp.where(valid, values, 0)
         count = jnp.sum(valid, axis=reduction_axes, keepdims=True, dtype=dtype)
+
+    def widen(v: jax.Array) -> jax.Array:  # in the statistics dtype, masked entries zeroed
+        v = v.astype(dtype)
+        return v if mask is None else jnp.where(valid, v, 0)
+
     safe_count = jnp.maximum(count, 1)
-    total, total_sq = sum_over((values, values * values), reduction_axes)
+    values, values_too = (widen(v) for v in separate_reads(x, dtype))
+    total, total_sq = sum_over((values, jnp.square(values_too)), reduction_axes)
     mean = total / safe_count
     m2_fast = jnp.maximum(total_sq - total * mean, 0)
 
     def centred() -> jax.Array:
-        # `mean - values`, not `values - mean`: keeps XLA from sharing one subtraction with
-        # the normalization and writing it out.
-        squares = jnp.square(mean - values)
+        # Widens ``x`` itself, so a narrow ``x`` enters the branch as it is (a widened copy
+        # closed over would be written out as the branch's operand). `mean - x`, not
+        # `x - mean`: keeps XLA from sharing one subtraction with the normalization and
+        # writing it out.
+        squares = jnp.square(mean - x.astype(dtype))
         if mask is not None:
             squares = jnp.where(valid, squares, 0)
         return jnp.sum(squares, axis=reduction_axes, keepdims=True)

@@ -522,6 +522,53 @@ def test_low_precision_input(dtype, tol, training):
     np.testing.assert_allclose(np.asarray(y.astype(jnp.float32)), expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+@pytest.mark.parametrize("offset", [0.0, 1e3], ids=["centred", "large-mean"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bfloat16", "float16"])
+def test_low_precision_gradients_match_float64(dtype, offset, masked):
+    # A narrow x and dy are read as they are and summed in float32 (on XLA:CPU through one
+    # read per sum, see jaxbn._moments.separate_reads), in both conditioning regimes.
+    rng = np.random.default_rng(27)
+    x = jnp.asarray(offset + _data(rng, (64, 8), -1), dtype)
+    dy = jnp.asarray(rng.normal(size=x.shape), dtype)
+    scale, bias = _random_params(rng, (8,))
+    mask = _random_mask(rng, (64, 1)) if masked else None
+    got = _grads(x, dy, scale, bias, -1, None if mask is None else jnp.asarray(mask))
+    x64, dy64 = (np.asarray(v.astype(jnp.float32), np.float64) for v in (x, dy))
+    dx, dscale, dbias = ref_grads(x64, dy64, -1, scale, mask)
+    assert got[0].dtype == dtype and got[1].dtype == got[2].dtype == jnp.float32
+    # The scale and bias gradients are float32 sums of the exact input values.
+    for g, e in ((got[1], dscale), (got[2], dbias)):
+        np.testing.assert_allclose(np.asarray(g), e, rtol=1e-4, atol=1e-4 * np.max(np.abs(e)))
+    # dx is computed in float32 and rounded to the narrow dtype once.
+    tol = 8e-3 if dtype == jnp.bfloat16 else 1e-3
+    np.testing.assert_allclose(
+        np.asarray(got[0].astype(jnp.float32)), dx, rtol=tol, atol=tol * np.max(np.abs(dx))
+    )
+
+
+def test_low_precision_synchronized_statistics_under_vmap():
+    # The per-sum reads of a narrow x also work when the statistics sync over a vmap axis.
+    rng = np.random.default_rng(28)
+    x = jnp.asarray(_data(rng, (4, 16, 3), -1), jnp.bfloat16)  # [device, N, C]
+    _, state = jaxbn.init(3)
+    y, new = jax.jit(
+        jax.vmap(
+            lambda xs: jaxbn.batch_norm(
+                xs, None, state, training=True, momentum=0.0, axis_name="d"
+            ),
+            axis_name="d",
+        )
+    )(x)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    expected, mean, var = ref_train(x64.reshape(-1, 3), -1)
+    np.testing.assert_allclose(np.asarray(new.mean[0]), mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(new.var[0]), var, rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(y.astype(jnp.float32)).reshape(-1, 3), expected, rtol=8e-3, atol=8e-3
+    )
+
+
 def test_float64_input_with_float64_state():
     rng = np.random.default_rng(19)
     x_np = rng.normal(3.0, 2.0, size=(32, 3))
