@@ -16,7 +16,7 @@ from ._checks import AxisName, wider_float
 from ._dtypes import stats_dtype
 from ._moments import (
     combine,
-    local_moments,
+    local_moments_and_condition,
     mean_and_var,
     separate_reads,
     sum_over,
@@ -487,12 +487,15 @@ def _train_fwd(
     mask: jax.Array | None,
     epsilon: Any,
 ) -> tuple[tuple[jax.Array, jax.Array, jax.Array, jax.Array], tuple[Any, ...]]:
-    moments = local_moments(x, sync.reduction_axes, mask, stats_dtype(x.dtype))
+    moments, conditioned = local_moments_and_condition(
+        x, sync.reduction_axes, mask, stats_dtype(x.dtype)
+    )
     if sync.axis_name is not None:
         moments = combine(moments, sync.axis_name, sync.axis_index_groups)
     mean, var = mean_and_var(moments)
     y, mul, inv_std = _scale_shift(x, mean, var, scale, bias, epsilon)
-    conditioned = well_conditioned(mean, var)
+    if sync.axis_name is not None:  # the backward's sums use the global mean and variance
+        conditioned = well_conditioned(mean, var)
     count = moments.valid_count
     residuals = (x, scale, bias, mask, epsilon, mean, inv_std, mul, count, conditioned)
     return (y, mean, var, moments.valid_count), residuals
@@ -607,7 +610,7 @@ def _update(
     var_count = count if var_count is None else var_count
     batch_mean = batch_mean.astype(state.mean.dtype)  # the state's dtype never changes
     batch_var = batch_var.astype(state.var.dtype)
-    finite = jnp.all(jnp.isfinite(batch_mean)) & jnp.all(jnp.isfinite(batch_var))
+    finite = jnp.all(jnp.isfinite(batch_mean) & jnp.isfinite(batch_var))
     accepted = finite & jnp.any(count > 0)  # a batch with no valid entry is not counted
     merged = state.count + accepted.astype(state.count.dtype)
     dtype = state.mean.dtype

@@ -18,6 +18,7 @@ __all__ = [
     "Moments",
     "combine",
     "local_moments",
+    "local_moments_and_condition",
     "mean_and_var",
     "merge",
     "separate_reads",
@@ -87,6 +88,20 @@ def local_moments(
 ) -> Moments:
     """Count, mean and M2 of ``x`` over ``reduction_axes``, counting only ``mask``'s entries.
 
+    See :func:`local_moments_and_condition`, which also returns whether the batch is well
+    conditioned.
+    """
+    return local_moments_and_condition(x, reduction_axes, mask, dtype)[0]
+
+
+def local_moments_and_condition(
+    x: jax.Array,
+    reduction_axes: tuple[int, ...],
+    mask: jax.Array | None,
+    dtype: Any,
+) -> tuple[Moments, jax.Array]:
+    """``(moments, well_conditioned(mean, var))`` of ``x`` over ``reduction_axes``.
+
     The results keep the feature axes and have size 1 on the reduction axes, so they
     broadcast against ``x``. One pass gives ``S1 = Σ x`` and ``S2 = Σ x²`` (accumulated in
     ``dtype``), hence ``mean = S1/n`` and ``M2 = S2 - S1·mean``. That difference cancels
@@ -98,7 +113,8 @@ def local_moments(
     if not reduction_axes:  # every axis is a feature axis: one entry per feature (vmap sync)
         count = jnp.ones(x.shape, dtype) if mask is None else jnp.broadcast_to(mask, x.shape)
         count = count.astype(dtype)
-        return Moments(count, x.astype(dtype) * count, jnp.zeros(x.shape, dtype))
+        moments = Moments(count, x.astype(dtype) * count, jnp.zeros(x.shape, dtype))
+        return moments, jnp.asarray(True)
     if mask is None:
         kept = tuple(1 if a in reduction_axes else d for a, d in enumerate(x.shape))
         count = jnp.full(kept, _prod([x.shape[a] for a in reduction_axes]), dtype)
@@ -126,8 +142,11 @@ def local_moments(
             squares = jnp.where(valid, squares, 0)
         return jnp.sum(squares, axis=reduction_axes, keepdims=True)
 
-    m2 = lax.cond(well_conditioned(mean, m2_fast / safe_count), lambda: m2_fast, centred)
-    return Moments(count, mean, m2)
+    # When the one-pass variance passes the test it is accurate, so the test on the final
+    # variance would give the same answer: it is returned for the backward pass to reuse.
+    conditioned = well_conditioned(mean, m2_fast / safe_count)
+    m2 = lax.cond(conditioned, lambda: m2_fast, centred)
+    return Moments(count, mean, m2), conditioned
 
 
 def well_conditioned(mean: jax.Array, var: jax.Array) -> jax.Array:
