@@ -336,6 +336,10 @@ def update_from_batch(
     ``n/(n-1)``, and only batches with ``n >= 2`` count toward the variance. Ghost batches
     are then averaged, each group with a valid entry weighing the same.
     """
+    # No gradient flows into the running statistics. Stopping it here, before the update's
+    # arithmetic rather than after, lets autodiff skip tracing tangents through all of it.
+    batch_mean, batch_var, valid_count = jax.lax.stop_gradient((batch_mean, batch_var, valid_count))
+    state = jax.lax.stop_gradient(state)
     feature_shape = ghost.layout.feature_shape
     mean = batch_mean.reshape(feature_shape)
     var = batch_var.reshape(feature_shape)
