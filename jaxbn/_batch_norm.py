@@ -518,8 +518,7 @@ def _train_bwd(
     # Every output is normalized with the batch statistics, so Σ dy and Σ dy·x̂ run over all
     # entries; only the valid entries moved the statistics, so only they get that term.
     # The same two sums are the gradients of the bias and the scale.
-    sum_dy_local, sum_dy_xhat_local = _grad_sums(axes, dy, x, mean, inv_std, conditioned)
-    sums = jnp.stack([sum_dy_local, sum_dy_xhat_local])
+    local = _grad_sums(axes, dy, x, mean, inv_std, conditioned)
     names = () if sync.axis_name is None else sync.axis_name
     names = names if isinstance(names, tuple) else (names,)
     param_syncs = [
@@ -527,15 +526,19 @@ def _train_bwd(
         for param, names_ in ((scale, sync.scale_sync), (bias, sync.bias_sync))
         if param is not None
     ]
-    if names and sync.axis_index_groups is None and all(s == set(names) for s in param_syncs):
+    if not names and not any(param_syncs):
+        stat_sums = param_sums = local  # nothing to sum over devices
+    elif names and sync.axis_index_groups is None and all(s == set(names) for s in param_syncs):
         # One collective: the global sums serve dx and the replicated params alike.
-        stat_sums = param_sums = sync_sum(sums, sync.axis_name, None)
+        stat_sums = param_sums = tuple(sync_sum(jnp.stack(local), sync.axis_name, None))
     else:
-        stat_sums = sync_sum(sums, sync.axis_name, sync.axis_index_groups) if names else sums
-        param_sums = jnp.stack(
-            [_psum_if(sum_dy_local, sync.bias_sync), _psum_if(sum_dy_xhat_local, sync.scale_sync)]
+        stat_sums = (
+            tuple(sync_sum(jnp.stack(local), sync.axis_name, sync.axis_index_groups))
+            if names
+            else local
         )
-    sum_dy, sum_dy_xhat = stat_sums[0], stat_sums[1]
+        param_sums = (_psum_if(local[0], sync.bias_sync), _psum_if(local[1], sync.scale_sync))
+    sum_dy, sum_dy_xhat = stat_sums
     correction = (sum_dy + x_hat * sum_dy_xhat) / jnp.maximum(valid_count, 1)
     if mask is not None:
         correction = jnp.where(mask, correction, 0)
@@ -611,7 +614,6 @@ def _update(
     is 0 keeps its running value. The ``k``-th accepted batch has weight ``1 - momentum``,
     ``1/k`` with ``momentum=None``, or ``(1 - momentum)/(1 - momentum**k)`` with ``debias``.
     """
-    var_count = count if var_count is None else var_count
     batch_mean = batch_mean.astype(state.mean.dtype)  # the state's dtype never changes
     batch_var = batch_var.astype(state.var.dtype)
     finite = jnp.all(jnp.isfinite(batch_mean) & jnp.isfinite(batch_var))
@@ -626,14 +628,17 @@ def _update(
         decay = 1.0 - (1.0 - momentum_) / (1.0 - momentum_**steps)
     else:
         decay = jnp.asarray(momentum, dtype)
-    # A feature with no valid entry (all masked out) keeps its running values.
-    keep = jnp.logical_not(accepted) | (count == 0)
-    keep_var = jnp.logical_not(accepted) | (var_count == 0)
-    new_mean = jnp.where(keep, state.mean, decay * state.mean + (1 - decay) * batch_mean)
-    new_var = jnp.where(keep_var, state.var, decay * state.var + (1 - decay) * batch_var)
-    new_state = BatchStats(
+    weight = 1 - decay
+    # A feature with no valid entry (all masked out) keeps its running values. lax.select,
+    # not jnp.where: the operands already agree in shape and dtype, and it traces faster.
+    rejected = jnp.logical_not(accepted)
+    keep = rejected | (count == 0)
+    keep_var = keep if var_count is None or var_count is count else rejected | (var_count == 0)
+    new_mean = jax.lax.select(keep, state.mean, decay * state.mean + weight * batch_mean)
+    new_var = jax.lax.select(keep_var, state.var, decay * state.var + weight * batch_var)
+    # Every input is gradient-free (update_from_batch stops them), so the result is too.
+    return BatchStats(
         mean=new_mean.astype(state.mean.dtype),
         var=new_var.astype(state.var.dtype),
         count=merged.astype(state.count.dtype),
     )
-    return jax.lax.stop_gradient(new_state)
