@@ -100,6 +100,9 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="fewer shapes and rounds")
     bench.add_argument("--out", default="results/bench", metavar="DIR",
                        help="output directory (default results/bench)")
+    bench.add_argument("--processes", type=int, default=1, metavar="N",
+                       help="time the layers in N fresh processes and report the median over "
+                       "them, with the range of jaxbn/flax (3 for numbers to quote; default 1)")
     return parser
 
 
@@ -211,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from . import bench
 
-        bench.run_bench(quick=args.quick, out=args.out)
+        if args.processes < 1:
+            make_parser().error(f"--processes must be at least 1, got {args.processes}")
+        bench.run_bench(quick=args.quick, out=args.out, processes=args.processes)
         return 0
     if args.command == "plot":
         from . import report

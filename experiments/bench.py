@@ -11,15 +11,15 @@ inference of a small NHWC CNN (Conv → BN → ReLU blocks) with eval-mode BN ag
 CNN with every BN folded into its convolution by ``jaxbn.fold_conv``, and reports the largest
 absolute difference between the two outputs.
 
-Command: ``python -m experiments bench [--quick] [--out DIR]`` (about 4 minutes on 2 CPU
-cores, 1 with --quick). The same command runs unchanged on a GPU. On a shared CPU a single
-ratio moves by up to ±20% between runs at 15 rounds (fresh output buffers are page-faulted
-in anew on every call, and the allocator's state differs from call to call), hence 41 rounds.
+Command: ``python -m experiments bench [--quick] [--out DIR] [--processes N]`` (about 4 minutes
+on 2 CPU cores, 1 with --quick, plus about 2 per extra process). The same command runs
+unchanged on a GPU. On a shared CPU a ratio moves by up to ±20% between runs at 15 rounds
+(fresh output buffers are page-faulted in anew on every call, and the allocator's state
+differs from process to process), hence 41 rounds, and ``--processes 3`` for numbers to quote.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -317,37 +317,14 @@ def _folding_bench(
     }
 
 
-def run_bench(
-    quick: bool = False,
-    out: str | os.PathLike[str] | None = None,
-    *,
-    shapes: tuple[tuple[str, tuple[int, ...], int, str], ...] | None = None,
-    rounds: int | None = None,
-    mlp: dict[str, int] | None = None,
-    folding: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Runs the benchmark, prints its table and writes ``bench.json`` and ``bench.png``.
-
-    ``shapes``, ``rounds``, ``mlp`` (depth/width/batch) and ``folding``
-    (batch/size/channels/in_channels) override the defaults; the tests use them to run the
-    whole benchmark at toy size.
-    """
-    rounds = rounds or (9 if quick else 41)
-    shapes = shapes or (QUICK_SHAPES if quick else SHAPES)
-    results: dict[str, Any] = {
-        "device": str(jax.devices()[0]),
-        "backend": jax.default_backend(),
-        "jax": jax.__version__,
-        "rounds": rounds,
-        "method": "per-call times, implementations interleaved within each round; medians "
-        "over rounds; ratios are medians of per-round ratios",
-        "layers": [],
-    }
-    for label, shape, axis, dtype_name in shapes:
-        dtype = jnp.dtype(dtype_name)
-        fns = _layer_functions(shape, axis, dtype)
-        numel = int(np.prod(shape))
-        row: dict[str, Any] = {"shape": label, "dtype": dtype_name, "axis": axis}
+def _layer_timings(
+    shapes: tuple[tuple[str, tuple[int, ...], int, str], ...], rounds: int
+) -> list[dict[str, Any]]:
+    """Per shape and mode: medians (ms), ratios to the proxy, and jaxbn/flax, in this process."""
+    out = []
+    for _, shape, axis, dtype_name in shapes:
+        fns = _layer_functions(shape, axis, jnp.dtype(dtype_name))
+        row = {}
         for mode in MODES:
             calls = {impl: (lambda f=fns[impl][mode]: f[0](*f[1])) for impl in IMPLS}
             samples = _time_interleaved(calls, rounds)
@@ -362,6 +339,84 @@ def run_bench(
                 "jaxbn_over_flax": statistics.median(
                     a / b for a, b in zip(samples["jaxbn"], samples["flax"], strict=True)
                 ),
+            }
+        out.append(row)
+    return out
+
+
+def _timings_subprocess(
+    shapes: tuple[tuple[str, tuple[int, ...], int, str], ...], rounds: int
+) -> list[dict[str, Any]]:
+    """:func:`_layer_timings` in a fresh Python process."""
+    code = (
+        "import json, sys\n"
+        "from experiments.bench import _layer_timings\n"
+        "shapes = tuple((l, tuple(s), a, d) for l, s, a, d in json.loads(sys.argv[1]))\n"
+        "print(json.dumps(_layer_timings(shapes, int(sys.argv[2]))))\n"
+    )
+    root = pathlib.Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(shapes), str(rounds)], cwd=root,
+        capture_output=True, text=True, timeout=3600, check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"bench timing process failed:\n{result.stderr[-2000:]}")
+    timings: list[dict[str, Any]] = json.loads(result.stdout.strip().splitlines()[-1])
+    return timings
+
+
+def run_bench(
+    quick: bool = False,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    shapes: tuple[tuple[str, tuple[int, ...], int, str], ...] | None = None,
+    rounds: int | None = None,
+    mlp: dict[str, int] | None = None,
+    folding: dict[str, Any] | None = None,
+    processes: int = 1,
+) -> dict[str, Any]:
+    """Runs the benchmark, prints its table and writes ``bench.json`` and ``bench.png``.
+
+    ``shapes``, ``rounds``, ``mlp`` (depth/width/batch) and ``folding``
+    (batch/size/channels/in_channels) override the defaults; the tests use them to run the
+    whole benchmark at toy size. With ``processes > 1`` the layer timings run in that many
+    fresh processes, one after the other: each reports its medians over rounds, and the
+    table gives the median over processes, with the smallest and largest process's
+    jaxbn/flax ratio beside it (a process's allocator and memory state move ratios more
+    than rounds within one process do).
+    """
+    rounds = rounds or (9 if quick else 41)
+    shapes = shapes or (QUICK_SHAPES if quick else SHAPES)
+    results: dict[str, Any] = {
+        "device": str(jax.devices()[0]),
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "rounds": rounds,
+        "processes": processes,
+        "method": "per-call times, implementations interleaved within each round; medians "
+        "over rounds; ratios are medians of per-round ratios; with several processes, the "
+        "median over processes of those",
+        "layers": [],
+    }
+    if processes > 1:
+        per_process = [_timings_subprocess(shapes, rounds) for _ in range(processes)]
+    else:
+        per_process = [_layer_timings(shapes, rounds)]
+    for index, (label, shape, axis, dtype_name) in enumerate(shapes):
+        dtype = jnp.dtype(dtype_name)
+        fns = _layer_functions(shape, axis, dtype)
+        numel = int(np.prod(shape))
+        row: dict[str, Any] = {"shape": label, "dtype": dtype_name, "axis": axis}
+        for mode in MODES:
+            runs = [timings[index][mode] for timings in per_process]
+            ratios = [run["jaxbn_over_flax"] for run in runs]
+            row[mode] = {
+                "ms": {impl: statistics.median(r["ms"][impl] for r in runs) for impl in IMPLS},
+                "x_proxy": {
+                    impl: statistics.median(r["x_proxy"][impl] for r in runs) for impl in IMPLS
+                },
+                "jaxbn_over_flax": statistics.median(ratios),
+                "jaxbn_over_flax_per_process": ratios,
                 "passes": {},
             }
             for impl in IMPLS:
@@ -413,7 +468,9 @@ def _print_row(row: dict[str, Any]) -> None:
             f"{row[mode]['x_proxy'][impl]:>13.2f}x {row[mode]['passes'][impl]['total']:>5.1f}p"
             for impl in IMPLS
         )
-        print(f"  {mode:15s}{cells}   {row[mode]['jaxbn_over_flax']:.2f}")
+        ratios = row[mode].get("jaxbn_over_flax_per_process", [])
+        spread = f" [{min(ratios):.2f}-{max(ratios):.2f}]" if len(ratios) > 1 else ""
+        print(f"  {mode:15s}{cells}   {row[mode]['jaxbn_over_flax']:.2f}{spread}")
 
 
 def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
@@ -442,12 +499,10 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m experiments bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and rounds")
-    parser.add_argument("--out", default="results/bench", help="where bench.json/png go")
-    args = parser.parse_args(argv)
-    run_bench(quick=args.quick, out=args.out)
+    """``python -m experiments.bench [ARGS]``: the same as ``python -m experiments bench``."""
+    from .__main__ import main as cli
+
+    raise SystemExit(cli(["bench", *(sys.argv[1:] if argv is None else argv)]))
 
 
 if __name__ == "__main__":

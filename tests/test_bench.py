@@ -103,6 +103,7 @@ def test_collectives_are_counted_once_each():
 
 
 def test_the_benchmark_runs_at_toy_size(tmp_path):
+    # Two timing processes: the layer timings run in fresh subprocesses and are merged.
     shapes = (("toy", (8, 4), -1, "float32"), ("toy bf16", (4, 2, 2, 4), -1, "bfloat16"))
     with jax.numpy_dtype_promotion("standard"):
         results = bench.run_bench(
@@ -111,6 +112,7 @@ def test_the_benchmark_runs_at_toy_size(tmp_path):
             rounds=1,
             mlp={"depth": 2, "width": 8, "batch": 4},
             folding={"batch": 2, "size": 4, "channels": (4, 8)},
+            processes=2,
         )
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert (tmp_path / "bench.png").stat().st_size > 0
@@ -119,6 +121,9 @@ def test_the_benchmark_runs_at_toy_size(tmp_path):
         for mode in bench.MODES:
             assert row[mode]["x_proxy"]["proxy"] == pytest.approx(1.0)
             assert set(row[mode]["passes"]) == set(bench.IMPLS)
+            per_process = row[mode]["jaxbn_over_flax_per_process"]
+            assert len(per_process) == 2 and all(r > 0 for r in per_process)
+            assert row[mode]["jaxbn_over_flax"] == pytest.approx(sum(per_process) / 2)
     assert saved["collectives_per_layer_shard_map"]["jaxbn"] == {
         "forward": 1,
         "forward_backward": 2,
@@ -139,3 +144,11 @@ def test_a_conditional_counts_its_cheaper_branch():
 
     passes = count_passes(_hlo(f, x, jnp.asarray(True)), NUMEL)
     assert (passes.reads, passes.writes) == (1, 0)
+
+
+def test_the_cli_rejects_a_process_count_below_one(capsys):
+    from experiments.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--processes", "0"])
+    assert "--processes must be at least 1, got 0" in capsys.readouterr().err
