@@ -299,18 +299,20 @@ RUNNERS: dict[str, Callable[[], tuple[Callable, Callable]]] = {
 # --------------------------------------------------------------------------- harness
 
 
-def run_with_grads(run: Callable, place: Callable, p: Problem, mask_kind: str, jit: bool = True):
+def run_with_grads(
+    run: Callable, place: Callable, p: Problem, mask_kind: str, jit: bool = True, dtype=jnp.float32
+):
     """Outputs, stacked new states and d(sum(y * g))/d(x, scale, bias) through ``run``."""
     params, state = jaxbn.init(FEATURES)
     params = {"scale": jnp.asarray(p.scale), "bias": jnp.asarray(p.bias)}
     state = state._replace(mean=jnp.asarray(p.mean0), var=jnp.asarray(p.var0))
     mask = None if MASKS[mask_kind] is None else jnp.asarray(p.valid[:, None])
-    x, params, state, mask = place(jnp.asarray(p.x), params, state, mask)
+    x, params, state, mask = place(jnp.asarray(p.x, dtype), params, state, mask)
     cotangent = jnp.asarray(p.cotangent)
 
     def loss(x, params):
         y, states = run(x, params, state, mask)
-        return jnp.sum(y * cotangent), (y, states)
+        return jnp.sum(y.astype(jnp.float32) * cotangent), (y, states)
 
     grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
     if jit:
@@ -422,6 +424,33 @@ def test_axis_index_groups(transform, mask_kind):
     )
     # The groups really are separate: the whole-batch statistics are something else.
     assert np.max(np.abs(np.asarray(y) - reference_bn(p).y)) > 0.1
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "uneven"])
+def test_bfloat16_under_shard_map(mask_kind):
+    # bfloat16 x and dy (read as bfloat16 by every sum on CPU, see _moments.separate_reads)
+    # against the float64 reference on the same, bfloat16-representable, values.
+    def bf16(a):
+        return np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32))
+
+    p = make_problem(mask_kind)
+    p = p._replace(x=bf16(p.x), cotangent=bf16(p.cotangent))
+    run, place = _shard_map_runner(_mesh((DEVICES,), ("batch",)), "batch", "batch")
+    y, states, dx, dparams = run_with_grads(run, place, p, mask_kind, dtype=jnp.bfloat16)
+    ref = reference_bn(p)
+    assert y.dtype == dx.dtype == jnp.bfloat16
+    # Outputs and dx are float32 results rounded once to bfloat16 (8 significant bits).
+    np.testing.assert_allclose(np.asarray(y, np.float32), ref.y, rtol=8e-3, atol=8e-3)
+    np.testing.assert_allclose(
+        np.asarray(dx, np.float32), ref.dx, rtol=8e-3, atol=8e-3 * np.max(np.abs(ref.dx))
+    )
+    # Statistics and parameter gradients are float32 sums of exact values.
+    for got, expected in ((states.mean, ref.mean), (states.var, ref.var)):
+        np.testing.assert_allclose(
+            np.asarray(got), np.broadcast_to(expected, got.shape), atol=ATOL, rtol=0
+        )
+    np.testing.assert_allclose(np.asarray(dparams["scale"]), ref.dscale, atol=GRAD_ATOL, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(dparams["bias"]), ref.dbias, atol=GRAD_ATOL, rtol=1e-5)
 
 
 def test_shard_map_replicated_state_out_spec_with_default_check_vma():
