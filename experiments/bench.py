@@ -345,24 +345,41 @@ def _layer_timings(
 
 
 def _timings_subprocess(
-    shapes: tuple[tuple[str, tuple[int, ...], int, str], ...], rounds: int
-) -> list[dict[str, Any]]:
-    """:func:`_layer_timings` in a fresh Python process."""
+    shapes: tuple[tuple[str, tuple[int, ...], int, str], ...],
+    rounds: int,
+    mlp: dict[str, int] | None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """:func:`_layer_timings` and :func:`_mlp_bench` in a fresh Python process."""
     code = (
         "import json, sys\n"
-        "from experiments.bench import _layer_timings\n"
+        "from experiments.bench import _layer_timings, _mlp_bench\n"
         "shapes = tuple((l, tuple(s), a, d) for l, s, a, d in json.loads(sys.argv[1]))\n"
-        "print(json.dumps(_layer_timings(shapes, int(sys.argv[2]))))\n"
+        "rounds = int(sys.argv[2])\n"
+        "layers = _layer_timings(shapes, rounds)\n"
+        "print(json.dumps([layers, _mlp_bench(rounds, **json.loads(sys.argv[3]))]))\n"
     )
     root = pathlib.Path(__file__).resolve().parents[1]
     result = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(shapes), str(rounds)], cwd=root,
-        capture_output=True, text=True, timeout=3600, check=False,
+        [sys.executable, "-c", code, json.dumps(shapes), str(rounds), json.dumps(mlp or {})],
+        cwd=root, capture_output=True, text=True, timeout=3600, check=False,
     )
     if result.returncode != 0:
         raise RuntimeError(f"bench timing process failed:\n{result.stderr[-2000:]}")
-    timings: list[dict[str, Any]] = json.loads(result.stdout.strip().splitlines()[-1])
-    return timings
+    layers, mlp_result = json.loads(result.stdout.strip().splitlines()[-1])
+    return layers, mlp_result
+
+
+def _median_mlp(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median over processes of every MLP time and ratio, with the per-process ratios."""
+    merged: dict[str, Any] = {"config": runs[0]["config"], "processes": len(runs)}
+    for key in ("step_ms", "step_ratio_vs_no_bn", "compile_s", "compile_ratio_vs_no_bn",
+                "lower_s", "lower_ratio_vs_no_bn"):
+        merged[key] = {k: statistics.median(run[key][k] for run in runs) for k in runs[0][key]}
+        if key.endswith("ratio_vs_no_bn"):
+            merged[key + "_per_process"] = {
+                k: [run[key][k] for run in runs] for k in runs[0][key]
+            }
+    return merged
 
 
 def run_bench(
@@ -383,7 +400,7 @@ def run_bench(
     fresh processes, one after the other: each reports its medians over rounds, and the
     table gives the median over processes, with the smallest and largest process's
     jaxbn/flax ratio beside it (a process's allocator and memory state move ratios more
-    than rounds within one process do).
+    than rounds within one process do); the MLP step and compile ratios likewise.
     """
     rounds = rounds or (9 if quick else 41)
     shapes = shapes or (QUICK_SHAPES if quick else SHAPES)
@@ -399,9 +416,12 @@ def run_bench(
         "layers": [],
     }
     if processes > 1:
-        per_process = [_timings_subprocess(shapes, rounds) for _ in range(processes)]
+        runs = [_timings_subprocess(shapes, rounds, mlp) for _ in range(processes)]
+        per_process = [layers for layers, _ in runs]
+        mlp_result = _median_mlp([mlp_run for _, mlp_run in runs])
     else:
         per_process = [_layer_timings(shapes, rounds)]
+        mlp_result = _mlp_bench(rounds, **(mlp or {}))
     for index, (label, shape, axis, dtype_name) in enumerate(shapes):
         dtype = jnp.dtype(dtype_name)
         fns = _layer_functions(shape, axis, dtype)
@@ -431,16 +451,21 @@ def run_bench(
     results["collectives_per_layer_shard_map"] = _collectives_subprocess()
     print("collectives per layer under shard_map (8 devices):",
           json.dumps(results["collectives_per_layer_shard_map"]))
-    results["mlp"] = _mlp_bench(rounds, **(mlp or {}))
-    mlp = results["mlp"]
+    results["mlp"] = mlp_result
+
+    def ratio(key: str, impl: str, digits: int) -> str:
+        value = f"{mlp_result[key][impl]:.{digits}f}x"
+        runs = mlp_result.get(key + "_per_process", {}).get(impl, [])
+        return value + (f" [{min(runs):.{digits}f}-{max(runs):.{digits}f}]" if runs else "")
+
     print(
-        f"{mlp['config']['depth']}-layer MLP step: jaxbn "
-        f"{mlp['step_ratio_vs_no_bn']['jaxbn']:.3f}x, flax "
-        f"{mlp['step_ratio_vs_no_bn']['flax']:.3f}x of no-BN; compile: jaxbn "
-        f"{mlp['compile_ratio_vs_no_bn']['jaxbn']:.2f}x, flax "
-        f"{mlp['compile_ratio_vs_no_bn']['flax']:.2f}x (XLA); trace+lower: jaxbn "
-        f"{mlp['lower_ratio_vs_no_bn']['jaxbn']:.2f}x, flax "
-        f"{mlp['lower_ratio_vs_no_bn']['flax']:.2f}x"
+        f"{mlp_result['config']['depth']}-layer MLP step: jaxbn "
+        f"{ratio('step_ratio_vs_no_bn', 'jaxbn', 3)}, flax "
+        f"{ratio('step_ratio_vs_no_bn', 'flax', 3)} of no-BN; compile: jaxbn "
+        f"{ratio('compile_ratio_vs_no_bn', 'jaxbn', 2)}, flax "
+        f"{ratio('compile_ratio_vs_no_bn', 'flax', 2)} (XLA); trace+lower: jaxbn "
+        f"{ratio('lower_ratio_vs_no_bn', 'jaxbn', 2)}, flax "
+        f"{ratio('lower_ratio_vs_no_bn', 'flax', 2)}"
     )
     results["folding"] = _folding_bench(rounds, **(folding or {}))
     fold = results["folding"]

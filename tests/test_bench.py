@@ -129,6 +129,7 @@ def test_the_benchmark_runs_at_toy_size(tmp_path):
         "forward_backward": 2,
     }
     assert set(saved["mlp"]["step_ratio_vs_no_bn"]) == {"jaxbn", "flax"}
+    assert len(saved["mlp"]["step_ratio_vs_no_bn_per_process"]["jaxbn"]) == 2
     assert saved["folding"]["max_abs_diff"] <= 1e-5
 
 
