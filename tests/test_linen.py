@@ -18,55 +18,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _parity import BF16_TOL, TOL, assert_close, batches, make_mask, standard
 
 import jaxbn.linen
 
 FlaxBN = nn.BatchNorm
 JaxbnBN = jaxbn.linen.BatchNorm
 
-TOL = {"atol": 2e-5, "rtol": 2e-5}
-# A bfloat16 output is a float32 result rounded to 8 significant bits (one ulp is 2**-8, about
-# 0.4% relative). jaxbn and flax round float32 results that differ in their last bits, which can
-# land on neighbouring bfloat16 values: allow two bfloat16 ulps.
-BF16_TOL = {"atol": 1e-2, "rtol": 1e-2}
-
 ROW_SHAPE = (16, 6)  # (N, C), feature axis -1
 NCHW_SHAPE = (4, 3, 2, 5)  # feature axis 1, or axes (1, 2)
 SHAPE_FOR_AXIS = {-1: ROW_SHAPE, 1: NCHW_SHAPE, (1, 2): NCHW_SHAPE}
 STEPS = 3
 
-
-def standard():
-    return jax.numpy_dtype_promotion("standard")
-
-
-def data(shape, step, dtype=jnp.float32, loc=2.0, scale=3.0):
-    """A batch with a nonzero mean and a non-unit variance, different at every step."""
-    key = jax.random.fold_in(jax.random.key(1234), step)
-    return (loc + scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-
-
-def make_mask(kind, shape):
-    if kind is None:
-        return None
-    if kind == "rows":  # (N, 1, ...): whole examples left out of the statistics
-        mask = np.ones((shape[0],) + (1,) * (len(shape) - 1), bool)
-        mask[::3] = False
-    elif kind == "full":
-        mask = np.ones(shape, bool)
-    elif kind == "random":  # elementwise; every feature keeps many valid entries
-        mask = np.random.default_rng(0).random(shape) < 0.7
-    else:
-        raise ValueError(kind)
-    return jnp.asarray(mask)
-
-
-def assert_close(actual, expected, tol=TOL):
-    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    np.testing.assert_allclose(
-        np.asarray(actual, np.float32), np.asarray(expected, np.float32), **tol
-    )
+data = batches(1234)
 
 
 def assert_trees_close(actual, expected, tol=TOL):
