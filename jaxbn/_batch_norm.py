@@ -475,9 +475,10 @@ def _train(
     ``Σ dy`` and ``Σ dy·x̂`` (sibling sums over ``x`` and ``dy``) and one elementwise pass
     for ``dx``, and saves nothing of ``x``'s size but ``x`` itself; those two sums are also
     the gradients of the bias and the scale, and the one backward collective. Where XLA
-    fuses sibling reductions (GPU, TPU) that is 3 passes forward and 5 backward; XLA:CPU runs
-    each sum as its own kernel (see :func:`~jaxbn._moments.local_moments`). The statistics
-    outputs carry no gradient (``batch_norm`` stops gradients into the new state).
+    fuses sibling reductions (GPU, TPU) that is 3 passes forward and 5 backward; XLA:CPU
+    runs each sum as its own kernel (see :func:`~jaxbn._moments.local_moments_and_condition`).
+    The statistics outputs carry no gradient (``batch_norm`` stops gradients into the new
+    state).
     """
     outputs, _ = _train_fwd(sync, x, scale, bias, mask, epsilon)
     return outputs
@@ -526,9 +527,7 @@ def _train_bwd(
         for param, names_ in ((scale, sync.scale_sync), (bias, sync.bias_sync))
         if param is not None
     ]
-    if not names and not any(param_syncs):
-        stat_sums = param_sums = local  # nothing to sum over devices
-    elif names and sync.axis_index_groups is None and all(s == set(names) for s in param_syncs):
+    if names and sync.axis_index_groups is None and all(s == set(names) for s in param_syncs):
         # One collective: the global sums serve dx and the replicated params alike.
         stat_sums = param_sums = tuple(sync_sum(jnp.stack(local), sync.axis_name, None))
     else:
@@ -577,17 +576,20 @@ def _grad_sums(
         # both branches and the dx kernel, is cheaper than one inside the branch.
         dy, x = dy.astype(dtype), x.astype(dtype)
 
-    def direct() -> tuple[jax.Array, jax.Array]:
+    def widened() -> tuple[jax.Array, jax.Array, jax.Array]:
+        # Called inside each branch, so that the reads are the branch's own.
         g, g_too = (v.astype(dtype) for v in separate_reads(dy, dtype))
         (values,) = separate_reads(x, dtype, 1)
-        sum_g, sum_gx = sum_over((g, g_too * values.astype(dtype)), axes)
+        return g, g_too, values.astype(dtype)
+
+    def direct() -> tuple[jax.Array, jax.Array]:
+        g, g_too, values = widened()
+        sum_g, sum_gx = sum_over((g, g_too * values), axes)
         return sum_g, inv_std * (sum_gx - mean * sum_g)
 
     def centred() -> tuple[jax.Array, jax.Array]:
-        g, g_too = (v.astype(dtype) for v in separate_reads(dy, dtype))
-        (values,) = separate_reads(x, dtype, 1)
-        x_hat = (values.astype(dtype) - mean) * inv_std
-        sum_g, sum_gx_hat = sum_over((g, g_too * x_hat), axes)
+        g, g_too, values = widened()
+        sum_g, sum_gx_hat = sum_over((g, g_too * ((values - mean) * inv_std)), axes)
         return sum_g, sum_gx_hat
 
     return jax.lax.cond(conditioned, direct, centred)
