@@ -18,7 +18,7 @@ from ._checks import AxisName
 from ._ghost import Ghost, ghost_layout
 from ._normalize import affine, normalize_eval
 from ._state import BatchStats
-from ._train import normalize_training, sync_config
+from ._train import Sync, normalize_training
 from ._update import update_from_batch
 
 __all__ = ["batch_norm"]
@@ -65,10 +65,11 @@ def batch_norm(
     with Chan's formula in one collective. A batch whose statistics are not finite (a NaN
     or inf in ``x``) leaves the running statistics unchanged and is not counted.
 
-    Training mode has a custom VJP whose backward needs two per-feature sums and one
-    elementwise pass. Reverse-mode AD works at any order (``jax.grad`` of ``jax.grad``,
-    ``jax.hessian``); plain forward-mode AD (``jax.jvp``, ``jax.jacfwd``) of training mode
-    does not, as for any ``jax.custom_vjp``. Evaluation mode is plain JAX.
+    Training mode has a custom JVP whose transpose, which reverse mode uses, is a short
+    backward: two per-feature sums and one elementwise pass, saving nothing of ``x``'s
+    size but ``x`` itself. Every autodiff mode works, in both modes: ``jax.grad``,
+    ``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``, ``jax.hessian`` and
+    forward-over-reverse Hessian-vector products.
 
     Variants (keyword-only; the defaults are plain batch normalization):
 
@@ -161,9 +162,7 @@ def batch_norm(
             virtual_batch_size=virtual_batch_size,
         )
         x_g, scale_g, bias_g, mask_g = grouped_inputs(ghost, x, params, mask)
-        sync = sync_config(
-            ghost.layout.reduction_axes, axis_name, axis_index_groups, x_g, scale_g, bias_g
-        )
+        sync = Sync.of(ghost.layout.reduction_axes, axis_name, axis_index_groups)
         y, batch_mean, batch_var, valid_count = normalize_training(
             sync, x_g, scale_g, bias_g, mask_g, epsilon
         )

@@ -14,9 +14,11 @@ from jax import lax
 
 from ._checks import AxisName
 from ._copies import cpu_copies
+from ._dtypes import is_complex, with_kind
 
 __all__ = [
     "Moments",
+    "abs_sq",
     "combine",
     "local_moments",
     "mean_and_var",
@@ -57,18 +59,21 @@ def local_moments(
 ) -> Moments:
     """Count, mean and M2 of ``x`` over ``reduction_axes``, counting only ``mask``'s entries.
 
-    Two passes, as in the textbook: ``mean = Σ x / n``, then ``M2 = Σ (x - mean)²``, both
-    accumulated in ``dtype``. No runtime branch and no reference value to choose: the
-    variance is accurate at any mean (flax's default ``E[x²] - E[x]²`` loses it entirely at
-    mean 1e4, std 1), and masked entries (which may hold NaN or inf) never enter a sum.
-    XLA:CPU reads ``x`` once per sum anyway, so the second pass costs what a second one-pass
-    sum ``Σ x²`` would (4 passes with the normalization, forward). The results keep the
-    feature axes and have size 1 on the reduction axes, so they broadcast against ``x``.
+    Two passes, as in the textbook: ``mean = Σ x / n``, then ``M2 = Σ |x - mean|²``, both
+    accumulated in ``dtype`` (real; the mean of a complex ``x`` is complex, M2 is real).
+    No runtime branch and no reference value to choose: the variance is accurate at any
+    mean (flax's default ``E[x²] - E[x]²`` loses it entirely at mean 1e4, std 1), and
+    masked entries (which may hold NaN or inf) never enter a sum. XLA:CPU reads ``x`` once
+    per sum anyway, so the second pass costs what a second one-pass sum ``Σ x²`` would (4
+    passes with the normalization, forward). The results keep the feature axes and have
+    size 1 on the reduction axes, so they broadcast against ``x``.
     """
+    value_dtype = with_kind(dtype, is_complex(x.dtype))
     if not reduction_axes:  # every axis is a feature axis: one entry per feature (vmap sync)
         count = jnp.ones(x.shape, dtype) if mask is None else jnp.broadcast_to(mask, x.shape)
         count = count.astype(dtype)
-        return Moments(count, x.astype(dtype) * count, jnp.zeros(x.shape, dtype))
+        return Moments(count, x.astype(value_dtype) * count.astype(value_dtype),
+                       jnp.zeros(x.shape, dtype))
     valid = None if mask is None else jnp.broadcast_to(mask, x.shape)
     if valid is None:
         kept = tuple(1 if a in reduction_axes else d for a, d in enumerate(x.shape))
@@ -81,11 +86,18 @@ def local_moments(
             values = jnp.where(valid, values, 0)
         return jnp.sum(values, axis=reduction_axes, keepdims=True)
 
-    for_mean, for_m2 = widened_reads(x, dtype, 2)
-    mean = masked_sum(for_mean.astype(dtype)) / jnp.maximum(count, 1)
+    for_mean, for_m2 = widened_reads(x, value_dtype, 2)
+    mean = masked_sum(for_mean.astype(value_dtype)) / jnp.maximum(count, 1).astype(value_dtype)
     (centre,) = cpu_copies(mean, 1)  # not shared with the normalization's broadcast
-    m2 = masked_sum(jnp.square(for_m2.astype(dtype) - centre))
+    m2 = masked_sum(abs_sq(for_m2.astype(value_dtype) - centre))
     return Moments(count, mean, m2)
+
+
+def abs_sq(value: jax.Array) -> jax.Array:
+    """``|value|²``, real (``real² + imag²`` for complex values)."""
+    if is_complex(value.dtype):
+        return jnp.square(value.real) + jnp.square(value.imag)
+    return jnp.square(value)
 
 
 def _prod(shape: list[int]) -> int:
@@ -111,12 +123,16 @@ def combine(
     SyncBatchNorm; it moves ``3 * devices * features`` numbers, which is small next to any
     gradient all-reduce. The backward pass needs one collective too (:func:`sync_sum`).
     """
-    stacked = jnp.stack(local)  # [3, *feature_shape]
-    gathered = _all_gather(stacked, axis_name, axis_index_groups)  # [devices, 3, *feature_shape]
-    counts, means, m2s = gathered[:, 0], gathered[:, 1], gathered[:, 2]
+    complex_mean = is_complex(local.mean.dtype)
+    parts = (local.mean.real, local.mean.imag) if complex_mean else (local.mean,)
+    stacked = jnp.stack((local.valid_count, *parts, local.m2))  # [3 or 4, *feature_shape]
+    gathered = _all_gather(stacked, axis_name, axis_index_groups)  # [devices, 3|4, ...]
+    counts, m2s = gathered[:, 0], gathered[:, -1]
+    means = lax.complex(gathered[:, 1], gathered[:, 2]) if complex_mean else gathered[:, 1]
     count = jnp.sum(counts, axis=0)
-    mean = jnp.sum(counts * means, axis=0) / jnp.maximum(count, 1)
-    m2 = jnp.sum(m2s, axis=0) + jnp.sum(counts * jnp.square(means - mean[None]), axis=0)
+    weights = counts.astype(means.dtype)
+    mean = jnp.sum(weights * means, axis=0) / jnp.maximum(count, 1).astype(means.dtype)
+    m2 = jnp.sum(m2s, axis=0) + jnp.sum(counts * abs_sq(means - mean[None]), axis=0)
     return Moments(count, mean, m2)
 
 
@@ -166,8 +182,8 @@ def merge(a: Moments, b: Moments) -> Moments:
     count = a.valid_count + b.valid_count
     weight = b.valid_count / jnp.maximum(count, 1)
     delta = b.mean - a.mean
-    m2 = a.m2 + b.m2 + delta * delta * a.valid_count * weight
-    return Moments(count, a.mean + delta * weight, m2)
+    m2 = a.m2 + b.m2 + abs_sq(delta) * a.valid_count * weight
+    return Moments(count, a.mean + delta * weight.astype(delta.dtype), m2)
 
 
 def mean_and_var(moments: Moments) -> tuple[jax.Array, jax.Array]:

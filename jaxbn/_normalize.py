@@ -15,7 +15,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from ._checks import Layout
-from ._dtypes import stats_dtype, wider_float
+from ._dtypes import is_complex, real_dtype, stats_dtype, wider_float
 
 __all__ = ["affine", "coefficients", "compute_dtype", "normalize_eval", "scale_shift"]
 
@@ -33,8 +33,11 @@ def affine(
 
 
 def compute_dtype(x_dtype: Any, *arrays: jax.Array | None) -> np.dtype:
-    """The dtype the normalization runs in: float32 or wider, and at least each array's."""
-    return wider_float(stats_dtype(x_dtype), *(None if a is None else a.dtype for a in arrays))
+    """The dtype the normalization runs in: float32 or wider, and at least each array's
+    (complex if any of them is)."""
+    return wider_float(
+        x_dtype, stats_dtype(x_dtype), *(None if a is None else a.dtype for a in arrays)
+    )
 
 
 def coefficients(
@@ -42,26 +45,31 @@ def coefficients(
 ) -> tuple[jax.Array, jax.Array]:
     """``(mul, inv_std)``: ``inv_std = rsqrt(var + epsilon)`` and ``mul = scale · inv_std``.
 
-    ``scale`` (None: 1) broadcasts against ``var``; both results are in ``dtype``.
+    ``scale`` (None: 1) broadcasts against ``var``. ``inv_std`` is real (the real dtype of
+    ``dtype``); ``mul`` is in ``dtype``.
     """
-    inv_std = jax.lax.rsqrt(var.astype(dtype) + epsilon)
-    mul = inv_std if scale is None else inv_std * scale.astype(dtype)
+    inv_std = jax.lax.rsqrt(var.astype(real_dtype(dtype)) + epsilon)
+    mul = inv_std.astype(dtype)
+    if scale is not None:
+        mul = mul * scale.astype(dtype)
     return mul, inv_std
 
 
 def scale_shift(
     x: jax.Array, mean: jax.Array, mul: jax.Array, bias: jax.Array | None, dtype: Any
 ) -> jax.Array:
-    """``y = (x - mean) · mul + bias`` in ``dtype``, returned in ``x``'s dtype.
+    """``y = (x - mean) · mul + bias`` in ``dtype``, returned in ``x``'s dtype (or ``dtype``
+    when only it is complex: a real ``x`` with complex parameters gives a complex ``y``).
 
     One fused elementwise pass. Subtracting the mean before scaling (rather than adding a
     precomputed ``bias - mean · mul``) keeps ``y`` exact to rounding when ``|mean| >> std``,
     at no cost in a memory-bound kernel.
     """
-    y = (x.astype(dtype) - mean.astype(dtype)) * mul
+    y = (x.astype(dtype) - mean.astype(dtype)) * mul.astype(dtype)
     if bias is not None:
         y = y + bias.astype(dtype)
-    return y.astype(x.dtype)
+    real_x_complex_y = is_complex(dtype) and not is_complex(x.dtype)
+    return y.astype(dtype if real_x_complex_y else x.dtype)
 
 
 def normalize_eval(

@@ -1,4 +1,12 @@
-"""Training-mode normalization with a custom VJP: two sums forward, two sums backward."""
+"""Training-mode normalization: a custom JVP whose tangent transposes into a two-sum backward.
+
+The forward takes two sums over ``x`` (:func:`~jaxbn._moments.local_moments`) and one
+elementwise pass for ``y``. The tangent rule is written so that JAX's own transposition of
+it, which reverse mode uses, is the short backward a hand-written VJP would be: ``Σ dy`` and
+``Σ dy·x̂`` (also the bias and scale gradients, and the one backward collective), then one
+elementwise pass for ``dx``. Because it is a JVP, every autodiff mode works: ``jax.jvp``,
+``jax.jacfwd``, ``jax.linearize``, ``jax.grad``, ``jax.hessian``, forward-over-reverse.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +16,16 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from ._checks import AxisName
-from ._copies import cpu_copies
-from ._dtypes import stats_dtype
-from ._moments import (
-    combine,
-    local_moments,
-    mean_and_var,
-    sync_sum,
-    widened_reads,
-)
+from ._copies import cpu_copies, sum_then_cast
+from ._dtypes import is_complex, stats_dtype
+from ._moments import combine, local_moments, mean_and_var, sync_sum, widened_reads
 from ._normalize import coefficients, compute_dtype, scale_shift
 
-__all__ = ["Sync", "normalize_training", "sync_config"]
+__all__ = ["Sync", "normalize_training"]
 
 
 class Sync(NamedTuple):
@@ -31,51 +34,20 @@ class Sync(NamedTuple):
     reduction_axes: tuple[int, ...]
     axis_name: AxisName | None
     axis_index_groups: tuple[tuple[int, ...], ...] | None
-    scale_sync: tuple[Hashable, ...]  # axes to sum the scale's gradient over
-    bias_sync: tuple[Hashable, ...]  # axes to sum the bias's gradient over
+
+    @classmethod
+    def of(
+        cls, reduction_axes: tuple[int, ...], axis_name: AxisName | None, axis_index_groups: Any
+    ) -> Sync:
+        groups = (
+            None
+            if axis_index_groups is None
+            else tuple(tuple(int(i) for i in group) for group in axis_index_groups)
+        )
+        return cls(reduction_axes, axis_name, groups)
 
 
-def sync_config(
-    reduction_axes: tuple[int, ...],
-    axis_name: AxisName | None,
-    axis_index_groups: Any,
-    x: jax.Array,
-    scale: jax.Array | None,
-    bias: jax.Array | None,
-) -> Sync:
-    """The :class:`Sync` of a call: which axes the statistics and each gradient sum over."""
-    groups = (
-        None
-        if axis_index_groups is None
-        else tuple(tuple(int(i) for i in group) for group in axis_index_groups)
-    )
-    return Sync(
-        reduction_axes=reduction_axes,
-        axis_name=axis_name,
-        axis_index_groups=groups,
-        scale_sync=_param_sync_names(x, scale),
-        bias_sync=_param_sync_names(x, bias),
-    )
-
-
-def _param_sync_names(x: jax.Array, param: jax.Array | None) -> tuple[Hashable, ...]:
-    """The device axes over which ``param``'s gradient must be summed inside the VJP.
-
-    Inside ``shard_map``, a parameter typed invariant over an axis that ``x`` varies over
-    is shared by the devices, and JAX's own autodiff would give it the sum of their
-    gradients; so do we (whether or not the statistics are synchronized). Everywhere else
-    the gradient stays local, as JAX's would: a parameter that varies per device, every
-    ``vmap`` axis (JAX sums over the batch for unbatched parameters), and ``pmap`` or
-    ``shard_map(check_vma=False)``, which do not type-check replication.
-    """
-    if param is None:
-        return ()
-    x_varies = jax.typeof(x).manual_axis_type.varying
-    param_varies = jax.typeof(param).manual_axis_type.varying
-    return tuple(sorted(x_varies - param_varies, key=str))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def normalize_training(
     sync: Sync,
     x: jax.Array,
@@ -86,20 +58,14 @@ def normalize_training(
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Training-mode normalization: ``(y, batch_mean, batch_var, valid_count)``.
 
-    ``scale`` and ``bias`` broadcast against ``x``; the statistics have ``x``'s rank with
-    size 1 on the reduction axes. A custom VJP, so that the memory traffic is near its
-    floor and there is no runtime branch:
+    ``scale`` and ``bias`` broadcast against ``x`` (feature-shaped ones reshaped to do so,
+    or per-example ones for conditional normalization); the statistics have ``x``'s rank
+    with size 1 on the reduction axes.
 
-    - forward: ``Σ x``, then ``Σ (x - mean)²`` (:func:`~jaxbn._moments.local_moments`), then
-      ``y`` in one elementwise pass;
-    - backward: ``Σ dy`` and ``Σ dy·(x - mean)`` (sibling sums over ``dy`` and ``x``, which
-      are also the bias and scale gradients and travel in the one backward collective),
-      then ``dx`` in one elementwise pass. Nothing of ``x``'s size is saved but ``x``
-      itself, in its own dtype.
-
-    On XLA:CPU, where each sum is its own kernel, that is 4 full-tensor passes forward and
-    6 more backward (flax's autodiff: 4 and 11). The statistics outputs carry no gradient
-    (``batch_norm`` stops gradients into the new state).
+    Memory traffic near its floor, and no runtime branch: on XLA:CPU, where each sum is its
+    own kernel, 4 full-tensor passes forward and 6 more backward (flax's autodiff: 4 and
+    11); nothing of ``x``'s size is saved for the backward but ``x`` itself, in its own
+    dtype (``x̂`` is recomputed inside the backward's kernels).
     """
     outputs, _ = _forward(sync, x, scale, bias, mask, epsilon)
     return outputs
@@ -112,7 +78,8 @@ def _forward(
     bias: jax.Array | None,
     mask: jax.Array | None,
     epsilon: Any,
-) -> tuple[tuple[jax.Array, jax.Array, jax.Array, jax.Array], tuple[Any, ...]]:
+) -> tuple[tuple[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]:
+    """The outputs and ``inv_std``."""
     moments = local_moments(x, sync.reduction_axes, mask, stats_dtype(x.dtype))
     if sync.axis_name is not None:
         moments = combine(moments, sync.axis_name, sync.axis_index_groups)
@@ -120,80 +87,145 @@ def _forward(
     dtype = compute_dtype(x.dtype, mean, scale, bias)
     mul, inv_std = coefficients(var, scale, epsilon, dtype)
     y = scale_shift(x, mean, mul, bias, dtype)
-    residuals = (x, scale, bias, mask, epsilon, mean, inv_std, mul, moments.valid_count)
-    return (y, mean, var, moments.valid_count), residuals
+    return (y, mean, var, moments.valid_count), inv_std
 
 
-def _backward(
-    sync: Sync, residuals: tuple[Any, ...], cotangents: tuple[jax.Array, ...]
-) -> tuple[Any, ...]:
-    x, scale, bias, mask, epsilon, mean, inv_std, mul, valid_count = residuals
-    dy = cotangents[0]  # the statistics outputs only feed the stop-gradient'ed state
-    dtype = mul.dtype
-    # Every output is normalized with the batch statistics, so Σ dy and Σ dy·x̂ run over all
-    # entries; only the valid entries moved the statistics, so only they get that term.
-    # The same two sums are the gradients of the bias and the scale.
-    # Each kernel gets its own copy of the mean (one barrier: two would be merged by XLA).
-    mean_for_sum, mean_for_dx = cpu_copies(mean, 2)
-    sum_dy, sum_dy_xhat = _grad_sums(sync.reduction_axes, dy, x, mean_for_sum, inv_std)
-    names = () if sync.axis_name is None else sync.axis_name
-    names = names if isinstance(names, tuple) else (names,)
-    param_syncs = [
-        set(names_)
-        for param, names_ in ((scale, sync.scale_sync), (bias, sync.bias_sync))
-        if param is not None
-    ]
-    if names and sync.axis_index_groups is None and all(s == set(names) for s in param_syncs):
-        # One collective: the global sums serve dx and the replicated params alike.
-        stat_sums = param_sums = tuple(sync_sum(jnp.stack((sum_dy, sum_dy_xhat)), names, None))
-    else:
-        stat_sums = (sum_dy, sum_dy_xhat)
-        if names:
-            stacked = jnp.stack(stat_sums)
-            stat_sums = tuple(sync_sum(stacked, sync.axis_name, sync.axis_index_groups))
-        param_sums = (_psum_if(sum_dy, sync.bias_sync), _psum_if(sum_dy_xhat, sync.scale_sync))
-    global_dy, global_dy_xhat = stat_sums
-    x_hat = (x.astype(dtype) - mean_for_dx) * inv_std
-    correction = (global_dy + x_hat * global_dy_xhat) / jnp.maximum(valid_count, 1)
-    if mask is not None:
-        correction = jnp.where(mask, correction, 0)
-    dx = mul * (dy.astype(dtype) - correction)
-    d_scale = None if scale is None else _to_param(param_sums[1], scale)
-    d_bias = None if bias is None else _to_param(param_sums[0], bias)
-    d_mask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
-    return dx.astype(x.dtype), d_scale, d_bias, d_mask, jnp.zeros_like(epsilon)
+_Outputs = tuple[jax.Array, jax.Array, jax.Array, jax.Array]
 
 
-normalize_training.defvjp(_forward, _backward)
+@functools.partial(normalize_training.defjvp, symbolic_zeros=True)
+def _jvp(
+    sync: Sync, primals: tuple[Any, ...], tangents: tuple[Any, ...]
+) -> tuple[_Outputs, _Outputs]:
+    x, scale, bias, mask, epsilon = primals
+    dx, dscale, dbias = (None if isinstance(t, SymbolicZero) else t for t in tangents[:3])
+    (y, mean, var, count), inv_std = _forward(sync, x, scale, bias, mask, epsilon)
+    # Checkpointed: linearizing saves only this function's primal inputs (x in its own
+    # dtype, and per-feature vectors), and the backward recomputes x̂ inside its kernels.
+    tangent = jax.checkpoint(functools.partial(_tangent, sync, y.dtype))
+    dy, dmean, dvar = tangent(x, mean, inv_std, scale, mask, count, dx, dscale, dbias)
+    return (y, mean, var, count), (dy, dmean, dvar, jnp.zeros_like(count))
 
 
-def _grad_sums(
-    axes: tuple[int, ...],
-    dy: jax.Array,
+def _tangent(
+    sync: Sync,
+    y_dtype: Any,
     x: jax.Array,
     mean: jax.Array,
     inv_std: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    """``(Σ dy, Σ dy·x̂)`` over ``axes``, with ``x̂ = (x - mean) · inv_std``, in mean's dtype.
+    scale: jax.Array | None,
+    mask: jax.Array | None,
+    count: jax.Array,
+    dx: jax.Array | None,
+    dscale: jax.Array | None,
+    dbias: jax.Array | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(dy, d_mean, d_var)``, linear in ``(dx, dscale, dbias)`` (None: zero).
 
-    Centred, so accurate at any mean: ``Σ dy·(x - mean)`` rather than ``Σ dy·x - mean·Σ dy``.
-    ``dy`` and ``x`` are widened inside each sum; a bfloat16 ``dy`` and ``x`` get their own
-    copy per sum on XLA:CPU (see :func:`~jaxbn._copies.cpu_copies`).
+    With ``x̂ = (x - mean)·inv_std`` and the sums over the valid entries (and devices)::
+
+        a = Σ dx,   b = Σ Re(conj(x̂)·dx),   d_mean = a/n,   d_var = 2b/(n·inv_std)
+        dy = s·(dx - a/n - x̂·b/n) + dscale·x̂ + dbias,   s = scale·inv_std
+
+    When ``s`` is per-feature (the usual feature-shaped scale), the per-feature terms are
+    gathered first, ``dy = s·dx + u + x̂·v`` with ``u = dbias - s·a/n`` and
+    ``v = dscale - s·b/n``: transposed, ``u`` and ``v`` need ``Σ ȳ`` and ``Σ ȳ·x̂``, the
+    very sums of the bias and scale gradients, so the backward takes two sums, not four,
+    and one collective (``u`` and ``v`` cross to the devices through one stacked
+    ``pcast``, whose transpose is one ``psum``).
     """
-    dtype = mean.dtype
-    if not axes:
-        x_hat = (x.astype(dtype) - mean) * inv_std
-        return dy.astype(dtype), dy.astype(dtype) * x_hat
-    dy_sum, dy_prod = widened_reads(dy, dtype, 2)
-    (x_prod,) = widened_reads(x, dtype, 1)
-    sum_dy = jnp.sum(dy_sum.astype(dtype), axis=axes, keepdims=True)
-    centred = dy_prod.astype(dtype) * (x_prod.astype(dtype) - mean)
-    return sum_dy, jnp.sum(centred, axis=axes, keepdims=True) * inv_std
+    dtype = compute_dtype(x.dtype, mean, scale, dbias)
+    real = not is_complex(dtype)
+    n = jnp.maximum(count, 1).astype(mean.dtype)
+    s = _multiplier(inv_std, scale, dtype)
+    # Σ x̂·dx and the output's x̂ are different kernels: each gets its own copy of x, mean
+    # and inv_std on XLA:CPU (cpu_copies), so that no shared widening or broadcast is
+    # written out.
+    x_for_sum, x_for_output = widened_reads(x, dtype, 2)
+    for_sum, for_output = cpu_copies((mean, inv_std), 2)
+    if dx is None:
+        a = jnp.zeros_like(mean)
+        b = jnp.zeros_like(n)
+    else:
+        dx_for_a, dx_for_b = widened_reads(dx, dtype, 2)
+        x_hat_for_b = _x_hat(x_for_sum, *for_sum, dtype)
+        a = _masked_sum(dx_for_a.astype(dtype), mask, sync.reduction_axes)
+        b = _masked_sum(_real_dot(x_hat_for_b, dx_for_b.astype(dtype)), mask, sync.reduction_axes)
+        a, b = _synced(sync, a.astype(mean.dtype), b.astype(n.dtype))
+    d_mean = a / n.astype(a.dtype)
+    d_var = 2 * b / (n * inv_std)
+    x_hat = _x_hat(x_for_output, *for_output, dtype)
+    terms = [] if dx is None else [s * dx.astype(dtype)]
+    if real and all(s.shape[axis] == 1 for axis in sync.reduction_axes):
+        u = -s * (a / n)
+        v = -s * (b / n)
+        if dbias is not None:
+            u = u + dbias.astype(dtype)
+        if dscale is not None:
+            v = v + dscale.astype(dtype)
+        u, v = _vary_like(x, jnp.stack((u, v)))
+        terms += [u, x_hat * v]
+    else:
+        terms.append(-s * (a.astype(dtype) / n + x_hat * (b / n).astype(dtype)))
+        if dscale is not None:
+            terms.append(x_hat * dscale.astype(dtype))
+        if dbias is not None:
+            terms.append(dbias.astype(dtype))
+    # Every term with x's shape and sharding type (explicit-sharding jit types them).
+    sharding = jax.typeof(x).sharding
+    full = [jnp.broadcast_to(t, x.shape, out_sharding=sharding) for t in terms]
+    dy = sum_then_cast(full, y_dtype)
+    return dy, d_mean, d_var
 
 
-def _to_param(total: jax.Array, param: jax.Array) -> jax.Array:
-    return total.reshape(param.shape).astype(param.dtype)
+def _multiplier(inv_std: jax.Array, scale: jax.Array | None, dtype: Any) -> jax.Array:
+    s = inv_std.astype(dtype)
+    return s if scale is None else s * scale.astype(dtype)
 
 
-def _psum_if(value: jax.Array, names: tuple[Hashable, ...]) -> jax.Array:
-    return jax.lax.psum(value, names) if names else value
+def _x_hat(x: jax.Array, mean: jax.Array, inv_std: jax.Array, dtype: Any) -> jax.Array:
+    return (x.astype(dtype) - mean.astype(dtype)) * inv_std.astype(dtype)
+
+
+def _real_dot(u: jax.Array, v: jax.Array) -> jax.Array:
+    """``Re(conj(u)·v)``: ``u·v`` for real values."""
+    if is_complex(u.dtype):
+        return u.real * v.real + u.imag * v.imag
+    return u * v
+
+
+def _masked_sum(
+    values: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]
+) -> jax.Array:
+    if mask is not None:
+        values = jnp.where(mask, values, 0)
+    return jnp.sum(values, axis=axes, keepdims=True)
+
+
+def _synced(sync: Sync, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``a`` and ``b`` summed over the devices in one collective (unchanged without sync)."""
+    if sync.axis_name is None:
+        return a, b
+    if is_complex(a.dtype):
+        total = sync_sum(jnp.stack((a.real, a.imag, b)), sync.axis_name, sync.axis_index_groups)
+        return lax.complex(total[0], total[1]), total[2]
+    total = sync_sum(jnp.stack((a, b)), sync.axis_name, sync.axis_index_groups)
+    return total[0], total[1]
+
+
+def _vary_like(x: jax.Array, stacked: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``stacked`` cast to vary over every manual mesh axis ``x`` varies over, in one op.
+
+    Combining a device-invariant value with ``x`` would insert that cast implicitly, once
+    per operand; its transpose is a ``psum``. Casting the stack once keeps the backward at
+    one collective.
+    """
+    missing = _varying(x) - _varying(stacked)
+    if missing:
+        stacked = lax.pcast(stacked, tuple(sorted(missing, key=str)), to="varying")
+    return stacked[0], stacked[1]
+
+
+def _varying(value: jax.Array) -> frozenset[Hashable]:
+    """The manual mesh axes over which ``value`` is typed as differing between devices."""
+    return frozenset(jax.typeof(value).manual_axis_type.varying)
