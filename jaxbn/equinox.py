@@ -173,7 +173,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         Raises:
           TypeError: ``inference`` is not a Python bool (e.g. traced under ``jax.jit``).
           ValueError: ``x`` is not of shape ``(input_size, *spatial)``, or ``weight``/
-            ``bias`` are not of shape ``(input_size,)``.
+            ``bias`` are not of shape ``(input_size,)``, or ``state`` does not hold this
+            layer's statistics.
           NameError: in training, ``axis_name`` is not bound by an enclosing transform.
         """
         del key
@@ -185,13 +186,14 @@ class BatchNorm(eqx.nn.StatefulLayer):
         axis_name = _core_axis_name(self.axis_name)
         if not inference:
             _check_bound(axis_name)
+        stats = self._stats(state)
         with jax.named_scope("jaxbn.equinox.BatchNorm"):
             if jnp.issubdtype(x.dtype, jnp.floating):  # the core rejects other dtypes
                 x = x.astype(output_dtype(None, x, self.weight, self.bias))
             y, stats = batch_norm(
                 x,
                 {"scale": self.weight, "bias": self.bias},
-                state.get(self.state_index),
+                stats,
                 training=not inference,
                 axis=0,
                 momentum=self.momentum,
@@ -203,6 +205,16 @@ class BatchNorm(eqx.nn.StatefulLayer):
         if not inference:
             state = state.set(self.state_index, stats)
         return y, state
+
+    def _stats(self, state: eqx.nn.State) -> BatchStats:
+        try:
+            return state.get(self.state_index)
+        except KeyError:
+            raise ValueError(
+                f"`state` holds no running statistics for this BatchNorm (its `state_index` "
+                f"is {self.state_index.marker!r}): make the model and its state together, "
+                f"model, state = eqx.nn.make_with_state(Model)(...), and pass that state."
+            ) from None
 
     def _check_shapes(self, x: jax.Array) -> None:
         n = self.input_size

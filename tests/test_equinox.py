@@ -282,6 +282,29 @@ def test_masks_weight_entries_by_their_true_count():
     assert np.max(np.abs(equal_weights - mean)) > 0.1
 
 
+def test_pmap_over_devices_weights_devices_by_their_valid_count():
+    """pmap over 4 devices, vmap over 2 examples each, device 0 with one valid example."""
+    x = data((4, 2, 3, 5))
+    keep = np.ones((4, 2), bool)
+    keep[0, 0] = False
+    layer, state = eqx.nn.make_with_state(BatchNorm)(3, ("devices", "batch"), mode="batch")
+    per_device = jax.vmap(
+        lambda x, state, keep: layer(x, state, mask=keep),
+        axis_name="batch", in_axes=(0, None, 0), out_axes=(0, None),
+    )
+    run = jax.pmap(
+        per_device, axis_name="devices", in_axes=(0, None, 0), out_axes=(0, None),
+        devices=jax.devices()[:4],
+    )
+    y, state = run(x, state, jnp.asarray(keep))
+    flat_keep = keep.reshape(8)
+    _, mean, var = reference(np.asarray(x).reshape(8, 3, 5)[flat_keep])
+    np.testing.assert_allclose(stats_of(layer, state).mean, mean, **TOL)
+    np.testing.assert_allclose(stats_of(layer, state).var, var, **TOL)
+    want_y = (np.asarray(x, np.float64) - mean[:, None]) / np.sqrt(var[:, None] + EPS)
+    np.testing.assert_allclose(y, want_y, **TOL)
+
+
 def test_scalar_mask_leaves_an_example_out():
     x = data((6, 3))
     keep = jnp.asarray([True, True, False, True, True, False])
@@ -381,6 +404,8 @@ def test_dtypes():
     assert jax.tree.leaves(jax.tree.map(jax.typeof, state)) == jax.tree.leaves(
         jax.tree.map(jax.typeof, new_state)
     )
+    with jax.enable_x64(True):  # equinox's default dtype follows the 64-bit flag
+        assert BatchNorm(3, "batch").weight.dtype == jnp.float64
     no_affine, plain = eqx.nn.make_with_state(BatchNorm)(3, "batch", channelwise_affine=False)
     assert no_affine.weight is None and no_affine.bias is None
     assert batched(no_affine)(x16, plain)[0].dtype == jnp.bfloat16
@@ -435,5 +460,10 @@ def test_call_errors():
         jax.jit(lambda x, s, flag: batched(layer, inference=flag)(x, s))(
             data((8, 3)), state, False
         )
+    _, other_state = eqx.nn.make_with_state(eqx.nn.Sequential)([BatchNorm(3, "batch")])
+    with pytest.raises(ValueError, match=r"`state` holds no running statistics for this "
+                       r"BatchNorm \(its `state_index` is 'BatchNorm.state_index'\): .* "
+                       r"eqx.nn.make_with_state"):
+        batched(layer)(data((8, 3)), other_state)
     with pytest.raises(TypeError, match=r"`x` must have a floating dtype"):
         batched(layer)(jnp.ones((8, 3), jnp.int32), state)
