@@ -192,8 +192,8 @@ def _check_common(
     x = jnp.asarray(x)
     _checks.check_input(x)
     lay = _checks.with_shape(_checks.layout(x.ndim, axis), x.shape)
-    _checks.check_params(params, lay.feature_shape)
-    _checks.check_state(state, lay.feature_shape)
+    _checks.check_params(params, lay.feature_shape, x.shape)
+    _checks.check_state(state, lay.feature_shape, x.dtype, training=bool(training))
     _checks.check_momentum(momentum)
     _checks.check_epsilon(epsilon)
     _checks.check_mask(mask, x.shape)
@@ -230,13 +230,6 @@ def grouped_inputs(
     mask: ArrayLike | None,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None, jax.Array | None]:
     """``x``, ``scale``, ``bias`` and ``mask`` regrouped into ghost batches, the parameters
-    reshaped to broadcast against the grouped ``x``."""
+    shaped to broadcast against the grouped ``x``."""
     scale, bias = affine(params)
-    x_g, scale_g, bias_g, mask_g = ghost.group(x, scale, bias, mask)
-    shape = ghost.layout.broadcast_shape
-    return (
-        x_g,
-        None if scale_g is None else scale_g.reshape(shape),
-        None if bias_g is None else bias_g.reshape(shape),
-        mask_g,
-    )
+    return ghost.group(x, scale, bias, mask)

@@ -22,14 +22,16 @@ __all__ = ["Ghost", "ghost_layout"]
 class Ghost(NamedTuple):
     """How ``x`` is regrouped into ghost batches.
 
-    ``group_axis`` is the position of the group axis in the grouped feature shape (None: no
-    ghost batches).
+    ``group_axis`` is the position of the group axis in the grouped feature shape, and
+    ``batch_axis`` that of the batch axis in ``x`` (both None: no ghost batches).
     """
 
     x_shape: tuple[int, ...]
     grouped_shape: tuple[int, ...]
     layout: _checks.Layout  # of the grouped x
     group_axis: int | None
+    feature_shape: tuple[int, ...]  # of x, before regrouping
+    batch_axis: int | None
 
     def group(
         self,
@@ -38,19 +40,33 @@ class Ghost(NamedTuple):
         bias: jax.Array | None,
         mask: ArrayLike | None,
     ) -> tuple[jax.Array, jax.Array | None, jax.Array | None, jax.Array | None]:
-        """``x`` and the mask regrouped; ``scale`` and ``bias`` broadcast over the groups."""
+        """``x``, the parameters and the mask regrouped, the parameters shaped to broadcast
+        against the grouped ``x`` (see :meth:`param`)."""
         if mask is not None:
             mask = jnp.asarray(mask)
-        if self.group_axis is None:
-            return x, scale, bias, mask
-        if mask is not None:
-            mask = jnp.broadcast_to(mask, self.x_shape).reshape(self.grouped_shape)
+            if self.batch_axis is not None:
+                mask = jnp.broadcast_to(mask, self.x_shape).reshape(self.grouped_shape)
         return (
             x.reshape(self.grouped_shape),
-            None if scale is None else self.per_group(scale),
-            None if bias is None else self.per_group(bias),
+            None if scale is None else self.param(scale),
+            None if bias is None else self.param(bias),
             mask,
         )
+
+    def param(self, value: jax.Array) -> jax.Array:
+        """A parameter shaped to broadcast against the grouped ``x``.
+
+        A feature-shaped parameter is shared by the ghost batches; a per-example one (of
+        ``x``'s rank, broadcastable to it) is regrouped as ``x`` is.
+        """
+        if value.shape == self.feature_shape:
+            return self.per_group(value).reshape(self.layout.broadcast_shape)
+        b = self.batch_axis
+        if b is None:
+            return value
+        shape = value.shape
+        split = (1, 1) if shape[b] == 1 else self.grouped_shape[b : b + 2]
+        return value.reshape((*shape[:b], *split, *shape[b + 1 :]))
 
     def per_group(self, value: jax.Array) -> jax.Array:
         """A feature-shaped array broadcast to the grouped feature shape."""
@@ -80,7 +96,7 @@ def ghost_layout(
 ) -> Ghost:
     """The ghost-batch layout of an input of ``x_shape``; checks ``virtual_batch_size``."""
     if virtual_batch_size is None:
-        return Ghost(x_shape, x_shape, lay, None)
+        return Ghost(x_shape, x_shape, lay, None, lay.feature_shape, None)
     if axis_name is not None:
         raise ValueError(
             f"`virtual_batch_size` cannot be combined with `axis_name` (got "
@@ -110,4 +126,7 @@ def ghost_layout(
         ),
         grouped_shape,
     )
-    return Ghost(x_shape, grouped_shape, grouped, feature_axes.index(batch_axis))
+    return Ghost(
+        x_shape, grouped_shape, grouped, feature_axes.index(batch_axis), lay.feature_shape,
+        batch_axis,
+    )

@@ -83,14 +83,17 @@ def normalize_eval(
     """Evaluation: ``(x - mean) · (scale · rsqrt(var + eps)) + bias`` in one fused pass.
 
     The feature-shaped ``mean``, ``var`` and ``params`` are reshaped to broadcast against
-    ``x``. Plain JAX operations, so every transformation (forward-mode AD included) applies.
+    ``x``; per-example ``params`` (of ``x``'s rank) broadcast as they are. Plain JAX
+    operations, so every transformation (forward-mode AD included) applies.
     """
-    scale, bias = affine(params)
+    scale, bias = (_placed(p, lay) for p in affine(params))
     shape = lay.broadcast_shape
     dtype = compute_dtype(x.dtype, mean, scale, bias)
-    mul, _ = coefficients(var.reshape(shape), _reshaped(scale, shape), epsilon, dtype)
-    return scale_shift(x, mean.reshape(shape), mul, _reshaped(bias, shape), dtype)
+    mul, _ = coefficients(var.reshape(shape), scale, epsilon, dtype)
+    return scale_shift(x, mean.reshape(shape), mul, bias, dtype)
 
 
-def _reshaped(value: jax.Array | None, shape: tuple[int, ...]) -> jax.Array | None:
-    return None if value is None else value.reshape(shape)
+def _placed(value: jax.Array | None, lay: Layout) -> jax.Array | None:
+    if value is None or value.shape != lay.feature_shape:
+        return value
+    return value.reshape(lay.broadcast_shape)

@@ -12,7 +12,7 @@ from jax.typing import ArrayLike
 from . import _checks
 from ._batch_norm import _check_common, _check_training_layout, grouped_inputs
 from ._checks import AxisName
-from ._dtypes import stats_dtype
+from ._dtypes import is_complex, stats_dtype
 from ._moments import combine, local_moments, mean_and_var
 from ._normalize import coefficients, compute_dtype, normalize_eval, scale_shift
 from ._state import BatchStats
@@ -117,6 +117,11 @@ def batch_renorm(
         )
         if not training:
             return normalize_eval(x, state.mean, state.var, params, epsilon, lay), state
+        if is_complex(x.dtype):
+            raise TypeError(
+                f"`x` must be real for batch_renorm in training (its r and d corrections are "
+                f"clipped real ratios), got {x.dtype}. Use jaxbn.batch_norm for complex input."
+            )
 
         ghost = _check_training_layout(
             x,

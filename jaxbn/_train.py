@@ -136,7 +136,7 @@ def _tangent(
     """
     dtype = compute_dtype(x.dtype, mean, scale, dbias)
     real = not is_complex(dtype)
-    n = jnp.maximum(count, 1).astype(mean.dtype)
+    n = jnp.maximum(count, 1)  # real
     s = _multiplier(inv_std, scale, dtype)
     # Σ x̂·dx and the output's x̂ are different kernels: each gets its own copy of x, mean
     # and inv_std on XLA:CPU (cpu_copies), so that no shared widening or broadcast is
@@ -166,7 +166,7 @@ def _tangent(
         u, v = _vary_like(x, jnp.stack((u, v)))
         terms += [u, x_hat * v]
     else:
-        terms.append(-s * (a.astype(dtype) / n + x_hat * (b / n).astype(dtype)))
+        terms.append(-s * (a.astype(dtype) + x_hat * b.astype(dtype)) / n.astype(dtype))
         if dscale is not None:
             terms.append(x_hat * dscale.astype(dtype))
         if dbias is not None:

@@ -70,8 +70,8 @@ def _merge(
     ``count`` (feature-shaped) is the number of valid entries behind ``batch_mean``;
     ``var_count`` (None: ``count``) the number behind ``batch_var``.
     """
-    dtype = state.mean.dtype  # the state's dtype never changes
-    batch_mean = batch_mean.astype(dtype)
+    dtype = state.var.dtype  # real; the state's dtypes never change
+    batch_mean = batch_mean.astype(state.mean.dtype)
     batch_var = batch_var.astype(state.var.dtype)
     finite = jnp.all(jnp.isfinite(batch_mean) & jnp.isfinite(batch_var))
     accepted = finite & jnp.any(count > 0)  # a batch with no valid entry is not counted
@@ -90,7 +90,9 @@ def _merge(
     rejected = jnp.logical_not(accepted)
     keep = rejected | (count == 0)
     keep_var = keep if var_count is None else rejected | (var_count == 0)
-    new_mean = jax.lax.select(keep, state.mean, decay * state.mean + weight * batch_mean)
+    new_mean = jax.lax.select(
+        keep, state.mean, (decay * state.mean + weight * batch_mean).astype(state.mean.dtype)
+    )
     new_var = jax.lax.select(keep_var, state.var, decay * state.var + weight * batch_var)
     return BatchStats(
         mean=new_mean.astype(state.mean.dtype),

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax.linen import initializers
 from flax.typing import Dtype, Initializer
 
-from ._adapter import normalize_with_fields, output_dtype
+from ._adapter import check_use_running_average, normalize_with_fields, output_dtype, stored
 from ._checks import layout, with_shape
 from ._dtypes import wider_float
 
@@ -125,8 +125,8 @@ class BatchNorm(nn.Module):
         During ``init`` the running statistics are not updated and the statistics are not
         synchronized across devices (``axis_name`` need not be bound), as in flax.
         """
-        use_running_average = nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average
+        use_running_average = check_use_running_average(
+            nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         )
         x = jnp.asarray(x)
         lay = with_shape(layout(x.ndim, self.axis), x.shape)
@@ -168,8 +168,8 @@ class BatchNorm(nn.Module):
             mask=mask,
         )
         if not use_running_average and not initializing:
-            ra_mean.value = new_state.mean.astype(ra_mean.value.dtype)
-            ra_var.value = new_state.var.astype(ra_var.value.dtype)
+            ra_mean.value = stored(new_state.mean, ra_mean.value)
+            ra_var.value = stored(new_state.var, ra_var.value)
             if count is not None:
                 count.value = new_state.count
         return y.astype(out_dtype)

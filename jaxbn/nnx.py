@@ -17,7 +17,13 @@ from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
-from ._adapter import normalize_with_fields, output_dtype
+from ._adapter import (
+    check_features,
+    check_use_running_average,
+    normalize_with_fields,
+    output_dtype,
+    stored,
+)
 from ._dtypes import wider_float
 
 __all__ = ["BatchNorm"]
@@ -177,6 +183,9 @@ class BatchNorm(nnx.Module):
                 "use_running_average=True/False to BatchNorm(...) or to the call, or call "
                 "model.train() / model.eval() first."
             )
+        use_running_average = check_use_running_average(use_running_average)
+        x = jnp.asarray(x)
+        check_features(x, self.axis, (self.num_features,), "num_features")
         scale = self.scale[...] if self.scale is not None else None
         bias = self.bias[...] if self.bias is not None else None
         stored_mean, stored_var = self.mean[...], self.var[...]
@@ -203,8 +212,10 @@ class BatchNorm(nnx.Module):
             mask=mask,
         )
         if not use_running_average:
-            self.mean[...] = new_state.mean.astype(stored_mean.dtype)
-            self.var[...] = new_state.var.astype(stored_var.dtype)
+            # set_value replaces the array: the mean of a complex input stays complex
+            # (flax.nnx warns and keeps its real part; flax.linen keeps it complex).
+            self.mean.set_value(stored(new_state.mean, stored_mean))
+            self.var.set_value(stored(new_state.var, stored_var))
             if self.count is not None:
                 self.count[...] = new_state.count
         return y.astype(out_dtype)
