@@ -1,17 +1,23 @@
 """The benchmark's exact counters, and the benchmark itself at toy size (no timing asserts)."""
 
+import functools
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import linen as nn
+from flax import traverse_util
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxbn
+import jaxbn.linen
 from experiments import bench
 from experiments.hlo import count_collectives, count_passes
+from experiments.models import BottleneckResNetBlock, ResNet, ResNet18, ResNet50
 
 SHAPE = (32, 8, 8, 16)
 NUMEL = int(np.prod(SHAPE))
@@ -153,3 +159,67 @@ def test_the_cli_rejects_a_process_count_below_one(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--processes", "0"])
     assert "--processes must be at least 1, got 0" in capsys.readouterr().err
+
+
+def _param_count(model):
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 32, 32, 3)))
+    return sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
+
+
+def test_resnets_have_the_standard_parameter_counts():
+    # torchvision's resnet50 and resnet18 (1000 classes) have exactly these.
+    assert _param_count(ResNet50(num_classes=1000)) == 25_557_032
+    assert _param_count(ResNet18(num_classes=1000)) == 11_689_512
+
+
+def _toy_resnet(norm):
+    return ResNet(stage_sizes=(1, 1), block_cls=BottleneckResNetBlock, num_classes=10,
+                  num_filters=8, norm=norm)
+
+
+TOY_IMAGES = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+
+
+@pytest.fixture(scope="module")
+def toy_resnet_variables():
+    model = _toy_resnet(nn.BatchNorm)
+    return jax.jit(lambda key: model.init(key, TOY_IMAGES, train=False))(jax.random.key(1))
+
+
+def test_resnet_blocks_start_as_identity_maps(toy_resnet_variables):
+    block = toy_resnet_variables["params"]["BottleneckResNetBlock_1"]
+    assert sorted(block) == ["BatchNorm_0", "BatchNorm_1", "BatchNorm_2", "Conv_0", "Conv_1",
+                             "Conv_2", "conv_proj", "norm_proj"]
+    assert block["conv_proj"]["kernel"].shape == (1, 1, 32, 64)  # 4x filters of stage 2
+    np.testing.assert_array_equal(block["BatchNorm_2"]["scale"], 0.0)
+    np.testing.assert_array_equal(block["BatchNorm_1"]["scale"], 1.0)
+
+
+def test_resnet_with_jaxbn_matches_resnet_with_flax_batchnorm(toy_resnet_variables):
+    x, labels, variables = TOY_IMAGES, jnp.array([3, 7]), toy_resnet_variables
+    flax_model, jaxbn_model = _toy_resnet(nn.BatchNorm), _toy_resnet(jaxbn.linen.BatchNorm)
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
+        jnp.shape, jax.eval_shape(lambda key: jaxbn_model.init(key, x, train=False),
+                                  jax.random.key(1))
+    )
+    # Random BN scales, so that the zero-initialized ones do not hide a block's last BN.
+    params = traverse_util.flatten_dict(variables["params"])
+    for index, path in enumerate(p for p in params if p[-1] == "scale"):
+        key = jax.random.fold_in(jax.random.key(2), index)
+        params[path] = jax.random.uniform(key, params[path].shape, minval=0.5, maxval=1.5)
+    params = traverse_util.unflatten_dict(params)
+
+    def loss(model, params):
+        logits, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                      x, train=True, mutable=["batch_stats"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, updates["batch_stats"]
+
+    results = [jax.jit(jax.value_and_grad(functools.partial(loss, model), has_aux=True))(params)
+               for model in (flax_model, jaxbn_model)]
+    (flax_loss, flax_stats), flax_grads = results[0]
+    (jaxbn_loss, jaxbn_stats), jaxbn_grads = results[1]
+    np.testing.assert_allclose(jaxbn_loss, flax_loss, rtol=1e-5)
+    for ours, theirs in ((jaxbn_stats, flax_stats), (jaxbn_grads, flax_grads)):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+                     ours, theirs)
