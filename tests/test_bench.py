@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 import jaxbn
 import jaxbn.linen
 from experiments import bench
-from experiments.bench.command import _merge
+from experiments.bench.command import _bandwidth, _merge
 from experiments.bench.layers import layer_passes
 from experiments.bench.networks import step_config
 from experiments.bench.worker import run_in_fresh_process
@@ -225,6 +225,28 @@ def test_merge_takes_medians_and_keeps_each_processs_ratios():
         "a_over_b": 0.7,
         "a_over_b_per_process": [0.5, 0.9, 0.7],
     }
+
+
+def _timed_row(numel, itemsize, passes, ms):
+    timed = {"passes": {impl: {"total": passes} for impl in bench.IMPLS},
+             "ms": dict.fromkeys(bench.IMPLS, ms)}
+    return {"shape": f"n={numel}", "dtype": "float32", "numel": numel, "itemsize": itemsize,
+            **dict.fromkeys(bench.MODES, timed)}
+
+
+@pytest.mark.parametrize(("backend", "kind", "peak"), [
+    ("gpu", "NVIDIA H200", 4.8e12), ("gpu", "a future GPU", None), ("cpu", "cpu", None),
+])
+def test_bandwidth_is_the_counted_bytes_over_the_time_at_the_largest_shape(backend, kind, peak):
+    layers = [_timed_row(1000, 4, 10.0, 1e-3), _timed_row(10, 4, 10.0, 1e-6)]
+    result = _bandwidth(layers, {"backend": backend, "device_kind": kind})
+    assert result["shape"] == "n=1000" and result["bytes_per_pass"] == 4000
+    assert result["bytes_per_s"]["eval"]["jaxbn"] == pytest.approx(10 * 4000 / 1e-6)
+    assert result["peak_bytes_per_s"] == peak
+    if peak is None:
+        assert result["fraction_of_peak"] is None
+    else:
+        assert result["fraction_of_peak"]["train_fwd_bwd"]["flax"] == pytest.approx(4e10 / peak)
 
 
 @pytest.mark.slow

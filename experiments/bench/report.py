@@ -82,7 +82,7 @@ def _print_bandwidth(bandwidth: dict[str, Any]) -> None:
             + (f" ({bandwidth['fraction_of_peak'][mode][impl]:>3.0%})" if peak else " " * 6)
             for impl in IMPLS
         )
-        print(f"  {mode:15s}{cells}")
+        print(f"  {mode:15s}{cells}".rstrip())
 
 
 def _label(model: str, config: dict[str, Any]) -> str:
