@@ -30,9 +30,9 @@ experiments.bench`` takes the same options. The same command runs unchanged on a
 ResNet-50 takes 64 images of 224x224 instead of 4 of 32x32). On a shared CPU a ratio moves
 by up to ±20% between runs at 15 rounds (fresh output buffers are page-faulted in anew on
 every call, and the allocator's state differs from process to process), hence 41 rounds,
-and ``--processes 3`` for numbers to quote. On 2 shared CPU cores ``--quick`` takes about 5
-minutes (a third of it compiling ResNet-50 six times), the full bench about 10, and every
-extra process 2 to 3 more.
+and ``--processes 3`` for numbers to quote. On 2 CPU cores shared with other jobs,
+``--quick`` took 4.5 minutes (a third of it compiling ResNet-50 six times) and the full bench
+with ``--processes 3`` 23 minutes.
 """
 
 from .command import add_arguments as add_arguments

@@ -179,9 +179,9 @@ def compile_time(model: str, norm: str, config: dict[str, Any] | None = None) ->
     """Seconds to trace and lower one training step, and to compile it with XLA.
 
     Measured as a user meets it: in a fresh process (``python -m experiments.bench.worker
-    compile``), with no persistent compilation cache, after nothing but jax's start-up. The
-    arguments are abstract (``jax.eval_shape`` of the initialization), so that nothing is
-    compiled before the step itself.
+    compile_time``), with no persistent compilation cache, after nothing but jax's start-up.
+    The arguments are abstract (``jax.eval_shape`` of the initialization, which traces the
+    network once in eval mode), so that nothing is compiled before the step itself.
 
     Args:
       model: ``"mlp"`` or ``"resnet50"``.
