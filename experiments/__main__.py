@@ -14,6 +14,8 @@ import time
 import traceback
 from typing import Any
 
+from .bench import add_arguments as add_bench_arguments  # imports no jax, as .claims
+from .bench import run_from_args as run_bench_from_args
 from .claims import CLAIM_IDS  # imports no jax: parsing must precede XLA_FLAGS
 
 SYNC_DEVICES = 8
@@ -89,20 +91,9 @@ def make_parser() -> argparse.ArgumentParser:
     _add_run_options(run, suite=False)
     plot = sub.add_parser("plot", help="remake figures and report.md from DIR/results.json")
     plot.add_argument("dir", metavar="DIR")
-    bench = sub.add_parser(
-        "bench",
-        help="benchmark the layer against flax and an elementwise proxy",
-        description="Times jaxbn, flax (fast and two-pass) and an elementwise proxy side by "
-        "side (forward, forward+backward, eval), counts full-tensor passes and collectives "
-        "in the optimized HLO, and times a 20-layer MLP step and compile. Writes "
-        "DIR/bench.json and DIR/bench.png.",
+    add_bench_arguments(
+        sub.add_parser("bench", help="benchmark the layer against flax and an elementwise proxy")
     )
-    bench.add_argument("--quick", action="store_true", help="fewer shapes and rounds")
-    bench.add_argument("--out", default="results/bench", metavar="DIR",
-                       help="output directory (default results/bench)")
-    bench.add_argument("--processes", type=int, default=1, metavar="N",
-                       help="time the layers in N fresh processes and report the median over "
-                       "them, with the range of jaxbn/flax (3 for numbers to quote; default 1)")
     return parser
 
 
@@ -212,12 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         print(list_claims())
         return 0
     if args.command == "bench":
-        from . import bench
-
-        if args.processes < 1:
-            make_parser().error(f"--processes must be at least 1, got {args.processes}")
-        bench.run_bench(quick=args.quick, out=args.out, processes=args.processes)
-        return 0
+        return run_bench_from_args(args)
     if args.command == "plot":
         from . import report
 
