@@ -167,12 +167,8 @@ def test_vmap_passes_are_per_element_of_the_ensemble(toy_passes):
         assert row["vmap_train_fwd_bwd"]["proxy"] == proxy == 7
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jaxbn's training mode still has a lax.cond, and under vmap both branches run "
-    "(13 passes per element against 10); the core rewrite removes it: drop this mark then",
-)
 def test_jaxbn_makes_no_more_passes_per_element_under_vmap(toy_passes):
+    # Regression: with a lax.cond in training mode, vmap ran both branches (13 against 10).
     for row in toy_passes:
         without_vmap = row["passes"]["train_fwd_bwd"]["jaxbn"]["total"]
         assert row["vmap_train_fwd_bwd"]["jaxbn"] <= without_vmap
