@@ -87,7 +87,8 @@ def local_moments(
         return jnp.sum(values, axis=reduction_axes, keepdims=True)
 
     for_mean, for_m2 = widened_reads(x, value_dtype, 2)
-    mean = masked_sum(for_mean.astype(value_dtype)) / jnp.maximum(count, 1).astype(value_dtype)
+    inv_count = jnp.reciprocal(jnp.maximum(count, 1)).astype(value_dtype)  # fuses; / does not
+    mean = masked_sum(for_mean.astype(value_dtype)) * inv_count
     (centre,) = cpu_copies(mean, 1)  # not shared with the normalization's broadcast
     m2 = masked_sum(abs_sq(for_m2.astype(value_dtype) - centre))
     return Moments(count, mean, m2)
@@ -188,4 +189,4 @@ def merge(a: Moments, b: Moments) -> Moments:
 
 def mean_and_var(moments: Moments) -> tuple[jax.Array, jax.Array]:
     """The mean and the biased variance (M2 / n); both 0 for a feature with no entries."""
-    return moments.mean, moments.m2 / jnp.maximum(moments.valid_count, 1)
+    return moments.mean, moments.m2 * jnp.reciprocal(jnp.maximum(moments.valid_count, 1))

@@ -11,6 +11,7 @@ elementwise pass for ``dx``. Because it is a JVP, every autodiff mode works: ``j
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Hashable
 from typing import Any, NamedTuple
 
@@ -136,7 +137,7 @@ def _tangent(
     """
     dtype = compute_dtype(x.dtype, mean, scale, dbias)
     real = not is_complex(dtype)
-    n = jnp.maximum(count, 1)  # real
+    inv_n = _inverse_count(sync, x, mask, count)
     s = _multiplier(inv_std, scale, dtype)
     # Σ x̂·dx and the output's x̂ are different kernels: each gets its own copy of x, mean
     # and inv_std on XLA:CPU (cpu_copies), so that no shared widening or broadcast is
@@ -145,28 +146,28 @@ def _tangent(
     for_sum, for_output = cpu_copies((mean, inv_std), 2)
     if dx is None:
         a = jnp.zeros_like(mean)
-        b = jnp.zeros_like(n)
+        b = jnp.zeros_like(inv_n)
     else:
         dx_for_a, dx_for_b = widened_reads(dx, dtype, 2)
         x_hat_for_b = _x_hat(x_for_sum, *for_sum, dtype)
         a = _masked_sum(dx_for_a.astype(dtype), mask, sync.reduction_axes)
         b = _masked_sum(_real_dot(x_hat_for_b, dx_for_b.astype(dtype)), mask, sync.reduction_axes)
-        a, b = _synced(sync, a.astype(mean.dtype), b.astype(n.dtype))
-    d_mean = a / n.astype(a.dtype)
-    d_var = 2 * b / (n * inv_std)
+        a, b = _synced(sync, a.astype(mean.dtype), b.astype(inv_n.dtype))
+    d_mean = a * inv_n.astype(a.dtype)
+    d_var = 2 * b * inv_n / inv_std
     x_hat = _x_hat(x_for_output, *for_output, dtype)
     terms = [] if dx is None else [s * dx.astype(dtype)]
     if real and all(s.shape[axis] == 1 for axis in sync.reduction_axes):
-        u = -s * (a / n)
-        v = -s * (b / n)
+        u = -s * (a * inv_n)
+        v = -s * (b * inv_n)
         if dbias is not None:
             u = u + dbias.astype(dtype)
         if dscale is not None:
             v = v + dscale.astype(dtype)
-        u, v = _vary_like(x, jnp.stack((u, v)))
+        u, v = _vary_like(x, u, v)
         terms += [u, x_hat * v]
     else:
-        terms.append(-s * (a.astype(dtype) + x_hat * b.astype(dtype)) / n.astype(dtype))
+        terms.append(-s * (a.astype(dtype) + x_hat * b.astype(dtype)) * inv_n.astype(dtype))
         if dscale is not None:
             terms.append(x_hat * dscale.astype(dtype))
         if dbias is not None:
@@ -176,6 +177,19 @@ def _tangent(
     full = [jnp.broadcast_to(t, x.shape, out_sharding=sharding) for t in terms]
     dy = sum_then_cast(full, y_dtype)
     return dy, d_mean, d_var
+
+
+def _inverse_count(
+    sync: Sync, x: jax.Array, mask: jax.Array | None, count: jax.Array
+) -> jax.Array:
+    """``1/n`` (real): multiplied, never divided by, as XLA fuses a per-feature product
+    into the kernel that consumes it but keeps a division as a kernel of its own. Without
+    a mask or devices, ``n`` is known from the shape: a constant, and no kernel at all
+    (XLA does not fold arithmetic on a broadcast constant such as ``count``)."""
+    if mask is None and sync.axis_name is None:
+        entries = math.prod(x.shape[a] for a in sync.reduction_axes)
+        return jnp.asarray(1.0 / max(entries, 1), count.dtype)
+    return jnp.reciprocal(jnp.maximum(count, 1))
 
 
 def _multiplier(inv_std: jax.Array, scale: jax.Array | None, dtype: Any) -> jax.Array:
@@ -213,16 +227,18 @@ def _synced(sync: Sync, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Arra
     return total[0], total[1]
 
 
-def _vary_like(x: jax.Array, stacked: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``stacked`` cast to vary over every manual mesh axis ``x`` varies over, in one op.
+def _vary_like(x: jax.Array, u: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``u`` and ``v`` cast to vary over every manual mesh axis ``x`` varies over, in one op.
 
     Combining a device-invariant value with ``x`` would insert that cast implicitly, once
-    per operand; its transpose is a ``psum``. Casting the stack once keeps the backward at
-    one collective.
+    per operand; its transpose is a ``psum``. Casting the two stacked keeps the backward at
+    one collective. Without such axes (no sync, or vmap/pmap) nothing is stacked, which
+    would cost kernels.
     """
-    missing = _varying(x) - _varying(stacked)
-    if missing:
-        stacked = lax.pcast(stacked, tuple(sorted(missing, key=str)), to="varying")
+    missing = _varying(x) - (_varying(u) | _varying(v))
+    if not missing:
+        return u, v
+    stacked = lax.pcast(jnp.stack((u, v)), tuple(sorted(missing, key=str)), to="varying")
     return stacked[0], stacked[1]
 
 
