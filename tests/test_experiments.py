@@ -18,8 +18,9 @@ import pytest
 
 from experiments import data, verdict
 from experiments.__main__ import main
+from experiments.loop import train_and_evaluate
 from experiments.models import BATCH_NORMS, NORMS, make_model
-from experiments.train import Config, Trainer, train_and_evaluate
+from experiments.train import Config, Trainer
 
 TINY = Config(
     dataset="digits",

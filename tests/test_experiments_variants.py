@@ -75,13 +75,13 @@ def test_recalibrated_stats_pool_the_batches_exactly(digits):
     trainer = Trainer(config, digits)
     state, _ = trainer.chunk(trainer.init(), 0, 5)
     stats = trainer.recalibrated_stats(state)
-    n, b = trainer.x_train.shape[0], config.batch_size
+    n, b = trainer.data.x_train.shape[0], config.batch_size
     for run in range(trainer.num_runs):
         idx = np.concatenate([
-            np.asarray(_batch_indices(trainer.recalibration_keys[run], jnp.int32(k), n, b))
+            np.asarray(_batch_indices(trainer.keys.recalibration[run], jnp.int32(k), n, b))
             for k in range(3)
         ])
-        x = np.asarray(trainer.x_train, np.float64)[idx].reshape(3 * b, -1)
+        x = np.asarray(trainer.data.x_train, np.float64)[idx].reshape(3 * b, -1)
         dense = jax.tree.map(lambda a, r=run: np.asarray(a[r], np.float64),
                              state.params["block0"]["Dense_0"])
         h = x @ dense["kernel"] + dense["bias"]  # the first BN's input: no BN before it

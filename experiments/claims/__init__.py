@@ -100,7 +100,7 @@ class Context:
 
     def train(self, config, *, arm: str):
         """Trains ``config`` (once per process: an identical config is reused) in its workdir."""
-        from ..train import train_and_evaluate
+        from ..loop import train_and_evaluate
 
         config = dataclasses.replace(
             config, name=f"{self.claim}/{arm}", tensorboard=self.settings.tensorboard
