@@ -136,6 +136,22 @@ def _mesh(shape: tuple[int, ...], names: tuple[str, ...], axis_type=AxisType.Exp
     return jax.make_mesh(shape, names, axis_types=(axis_type,) * len(names))
 
 
+def _placer(mesh, batch_spec):
+    """Places x and mask split over the batch by ``batch_spec``, params and state replicated."""
+
+    def place(x, params, state, mask):
+        batch = NamedSharding(mesh, batch_spec)
+        replicated = NamedSharding(mesh, P())
+        return (
+            jax.device_put(x, batch),
+            jax.device_put(params, replicated),
+            jax.device_put(state, replicated),
+            None if mask is None else jax.device_put(mask, batch),
+        )
+
+    return place
+
+
 def _shard_map_runner(mesh, batch_axes, axis_name, groups=None, check_vma=True):
     # check_vma=True is JAX's default; with False, JAX inserts no implicit psum/pvary, so the
     # gradient must come from the collectives jaxbn itself emits (and their transposes).
@@ -155,17 +171,7 @@ def _shard_map_runner(mesh, batch_axes, axis_name, groups=None, check_vma=True):
             check_vma=check_vma,
         )(x, params, state, mask)
 
-    def place(x, params, state, mask):
-        batch = NamedSharding(mesh, spec)
-        replicated = NamedSharding(mesh, P())
-        return (
-            jax.device_put(x, batch),
-            jax.device_put(params, replicated),
-            jax.device_put(state, replicated),
-            None if mask is None else jax.device_put(mask, batch),
-        )
-
-    return run, place
+    return run, _placer(mesh, spec)
 
 
 def _unplaced(x, params, state, mask):
@@ -240,17 +246,7 @@ def _sharded_jit_runner(axis_type):
         y, new_state = _bn(x, params, state, mask)  # no axis_name: XLA inserts the reductions
         return y, _stacked(new_state)
 
-    def place(x, params, state, mask):
-        batch = NamedSharding(mesh, P("batch"))
-        replicated = NamedSharding(mesh, P())
-        return (
-            jax.device_put(x, batch),
-            jax.device_put(params, replicated),
-            jax.device_put(state, replicated),
-            None if mask is None else jax.device_put(mask, batch),
-        )
-
-    return run, place
+    return run, _placer(mesh, P("batch"))
 
 
 RUNNERS: dict[str, Callable[[], tuple[Callable, Callable]]] = {
