@@ -225,16 +225,28 @@ def test_cli_list_in_a_subprocess():
 
 
 def test_cli_run_writes_report_png_and_results(tmp_path, capsys):
+    """The issue's example: options before the command reach the run (full mode, 2 seeds)."""
     out = tmp_path / "run"
-    main(["run", "convergence", "--budget", "0.04", "--seeds", "2", "--dataset", "digits",
-          "--out", str(out), "--no-progress"])
+    main(["--full", "--seeds", "2", "run", "convergence", "--budget", "0.01", "--dataset",
+          "digits", "--out", str(out), "--no-progress"])
     printed = capsys.readouterr().out
     assert "| convergence |" in printed and "report.md" in printed
     assert {"report.md", "results.json", "convergence.png"} <= set(os.listdir(out))
     results = json.loads((out / "results.json").read_text())
-    assert results["meta"]["seeds"] == 2
+    meta = results["meta"]
+    assert (meta["mode"], meta["seeds"], meta["dataset"]) == ("full", 2, "digits")
+    assert meta["command"].startswith("python -m experiments --full --seeds 2 run convergence")
+    for key in ("commit", "date", "machine", "devices", "jax_version", "flax_version"):
+        assert meta[key], key
     entry = results["claims"]["convergence"]
-    assert entry["verdict"] in ("holds", "does not hold", "inconclusive")
+    assert entry["details"]["budget"] == 50  # full mode: 5000 steps x 0.01
+    # These seeds: with BN both runs reach the target within the 50 steps, without BN neither
+    # does; two seeds give a t-interval too wide to call it, and the rule says inconclusive.
+    assert max(entry["with_bn"]["values"]) < 50 == min(entry["without_bn"]["values"])
+    assert entry["verdict"] == "inconclusive", entry["reason"]
+    assert entry["verdict"] == verdict.compare(
+        entry["with_bn"]["values"], entry["without_bn"]["values"], higher_is_better=False
+    )[0]
     for key in ("metric", "rule", "reason", "higher_is_better", "runtime_s", "details"):
         assert key in entry
     for arm in ("with_bn", "without_bn"):
@@ -255,3 +267,4 @@ def test_tensorboard_event_files_when_tensorboardx_is_installed(tmp_path, digits
     for run in ("run_0", "run_1"):
         files = os.listdir(tmp_path / "tensorboard" / run)
         assert any(f.startswith("events.out.tfevents") for f in files)
+
