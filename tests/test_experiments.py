@@ -18,6 +18,7 @@ import pytest
 
 from experiments import data, verdict
 from experiments.__main__ import main
+from experiments.claims import overhead
 from experiments.loop import train_and_evaluate
 from experiments.models import BATCH_NORMS, NORMS, make_model
 from experiments.train import Config, Trainer
@@ -268,3 +269,25 @@ def test_tensorboard_event_files_when_tensorboardx_is_installed(tmp_path, digits
         files = os.listdir(tmp_path / "tensorboard" / run)
         assert any(f.startswith("events.out.tfevents") for f in files)
 
+
+def test_overhead_times_no_norm_jaxbn_and_flax_in_one_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(overhead, "CHUNK", 2)
+    monkeypatch.setattr(overhead, "MODELS", {"mlp": "MLP"})
+    out = tmp_path / "run"
+    main(["run", "overhead", "--dataset", "digits", "--out", str(out), "--no-progress"])
+    entry = json.loads((out / "results.json").read_text())["claims"]["overhead"]
+    seconds = {arm: np.array(s) for arm, s in entry["details"]["seconds_per_step"].items()}
+    assert set(seconds) == {"mlp-none", "mlp-bn", "mlp-flax-bn"}
+    ratios = entry["details"]["ratios"]["mlp"]
+    assert set(ratios) == {"bn/none", "flax-bn/none", "bn/flax-bn"}
+    np.testing.assert_allclose(ratios["bn/flax-bn"]["values"],
+                               seconds["mlp-bn"] / seconds["mlp-flax-bn"])
+    for ratio in ratios.values():
+        assert len(ratio["values"]) == 7  # one per round, quick mode
+        assert ratio["min"] <= ratio["median"] <= ratio["max"]
+    assert entry["verdict"] == verdict.compare(seconds["mlp-bn"], seconds["mlp-none"],
+                                               higher_is_better=True)[0]
+    report = (out / "report.md").read_text()
+    assert ("| model | no norm ms | jaxbn ms | flax ms | jaxbn / no norm | flax / no norm | "
+            "jaxbn / flax |") in report
+    assert "| MLP | " in report
