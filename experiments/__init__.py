@@ -10,5 +10,7 @@ documents the command line. The pieces, each usable on its own:
   with its logging and checkpoints;
 - :mod:`experiments.claims`: one module per claim, each declaring its runs and its verdict;
 - :mod:`experiments.verdict`: the rule that turns per-seed numbers into a verdict;
-- :mod:`experiments.report`: ``results.json`` → plots and ``report.md``.
+- :mod:`experiments.suite`: claims run into one directory, ``results.json`` with provenance;
+- :mod:`experiments.report`: ``results.json`` → plots and ``report.md``;
+- :mod:`experiments.readme`: README's results section from ``experiments/reference/``.
 """
