@@ -116,9 +116,10 @@ def _add_suite_options(parser: argparse.ArgumentParser) -> None:
                         help="digits | mnist1d[:N] | idx:DIR (MNIST/Fashion-MNIST IDX files, "
                              ".gz allowed); default mnist1d:4000 quick, mnist1d:10000 full")
     parser.add_argument("--devices", type=_at_least(1), default=1, metavar="N",
-                        help="devices (on CPU, host devices made before jax starts); runs "
-                             "whose batch divides by N train data-parallel with shard_map and "
-                             "synchronized BN. The sync claim always uses 8.")
+                        help="devices (on CPU: host devices, made before jax starts; with "
+                             "--coordinator, per process); runs whose batch divides by the "
+                             "device count train data-parallel with shard_map and synchronized "
+                             "BN. The sync claim always uses 8 (on one process).")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output directory (default results/<timestamp>/)")
     parser.add_argument("--tensorboard", action="store_true",
@@ -145,7 +146,7 @@ def _bench_parser(parser: _Parser) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer shapes and rounds")
     parser.add_argument("--out", default="results/bench", metavar="DIR",
                         help="output directory (default results/bench)")
-    parser.add_argument("--processes", type=_at_least(1), default=1, metavar="N",
+    parser.add_argument("--processes", type=int, default=1, metavar="N",
                         help="time the layers in N fresh processes and report the median over "
                         "them, with the range of jaxbn/flax (3 for numbers to quote; default 1)")
 
@@ -270,8 +271,9 @@ def _run(parser: _Parser, args: argparse.Namespace, command: str) -> int:
 
     extras = ("experiments", "tensorboard") if args.tensorboard else ("experiments",)
     _require_extras(parser, *extras)
-    needs = max(args.devices, SYNC_DEVICES) if "sync" in args.claims else args.devices
-    if needs > 1 and not args.coordinator:
+    sync_here = "sync" in args.claims and not args.coordinator  # several processes: as given
+    needs = max(args.devices, SYNC_DEVICES) if sync_here else args.devices
+    if needs > 1:  # with --coordinator, each process's own devices
         _use_cpu_devices(parser, needs)
     import jax
 
@@ -311,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         _require_extras(parser, "experiments")
         from . import bench
 
+        if args.processes < 1:
+            parser.error(f"--processes must be at least 1, got {args.processes}")
         bench.run_bench(quick=args.quick, out=args.out, processes=args.processes)
         return 0
     if args.command == "plot":
