@@ -20,6 +20,8 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from . import data
+from .bench import add_arguments as add_bench_arguments  # imports no jax, as .claims
+from .bench import run_from_args as run_bench_from_args
 from .claims import CLAIM_IDS  # imports neither jax nor the extras: checks come first
 
 SYNC_DEVICES = 8
@@ -135,22 +137,6 @@ def _add_suite_options(parser: argparse.ArgumentParser) -> None:
     dist.add_argument("--process-id", type=_at_least(0), default=None, metavar="I")
 
 
-def _bench_parser(parser: _Parser) -> None:
-    """bench's options (experiments/bench.py owns them)."""
-    parser.description = (
-        "Times jaxbn, flax (fast and two-pass) and an elementwise proxy side by side (forward, "
-        "forward+backward, eval), counts full-tensor passes and collectives in the optimized "
-        "HLO, and times a 20-layer MLP step and compile. Writes DIR/bench.json and "
-        "DIR/bench.png."
-    )
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and rounds")
-    parser.add_argument("--out", default="results/bench", metavar="DIR",
-                        help="output directory (default results/bench)")
-    parser.add_argument("--processes", type=int, default=1, metavar="N",
-                        help="time the layers in N fresh processes and report the median over "
-                        "them, with the range of jaxbn/flax (3 for numbers to quote; default 1)")
-
-
 def _run_parser(parser: _Parser) -> None:
     parser.description = "Run the named claims (or 'all') and write their report."
     parser.add_argument("claims", nargs="+", metavar="CLAIM",
@@ -175,7 +161,7 @@ _BUILDERS: dict[str, Callable[[_Parser], None]] = {
     "list": lambda parser: None,
     "run": _run_parser,
     "plot": _plot_parser,
-    "bench": _bench_parser,
+    "bench": add_bench_arguments,  # experiments/bench owns its options
     "readme": _readme_parser,
 }
 
@@ -311,12 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "bench":
         _require_extras(parser, "experiments")
-        from . import bench
-
-        if args.processes < 1:
-            parser.error(f"--processes must be at least 1, got {args.processes}")
-        bench.run_bench(quick=args.quick, out=args.out, processes=args.processes)
-        return 0
+        return run_bench_from_args(args)
     if args.command == "plot":
         if not os.path.isfile(os.path.join(args.dir, "results.json")):
             parser.error(f"expected DIR/results.json, got DIR {args.dir!r} without one")

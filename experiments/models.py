@@ -30,7 +30,9 @@ hidden layer is sown as ``intermediates/preact`` so experiments can watch its di
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -38,7 +40,8 @@ import jax.numpy as jnp
 
 import jaxbn.linen
 
-__all__ = ["ACTIVATIONS", "BATCH_NORMS", "CNN", "GHOST_BATCH", "MLP", "NORMS", "ghost_size",
+__all__ = ["ACTIVATIONS", "BATCH_NORMS", "CNN", "GHOST_BATCH", "MLP", "NORMS",
+           "BottleneckResNetBlock", "ResNet", "ResNet18", "ResNet50", "ResNetBlock", "ghost_size",
            "make_model"]
 
 NORMS = ("none", "bn", "flax-bn", "layer", "group", "renorm", "ghost")
@@ -244,3 +247,114 @@ def make_model(
     if kind == "cnn":
         return CNN(channels=tuple(widths), **fields)
     raise ValueError(f"Expected `model` in ('mlp', 'cnn'), got {kind!r}.")
+
+
+ModuleDef = Any  # a module class, or a functools.partial of one
+
+
+class _ResidualBlock(nn.Module):
+    """A residual block: ``act(shortcut(x) + residual(x))``.
+
+    The shortcut is ``x`` itself, or a strided 1x1 conv and a norm where the residual's shape
+    differs from ``x``'s (a projection shortcut).
+    """
+
+    filters: int
+    conv: ModuleDef
+    norm: ModuleDef
+    act: Callable[[jax.Array], jax.Array]
+    strides: tuple[int, int] = (1, 1)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.residual(x)
+        if x.shape != y.shape:
+            x = self.conv(y.shape[-1], (1, 1), self.strides, name="conv_proj")(x)
+            x = self.norm(name="norm_proj")(x)
+        return self.act(x + y)
+
+    def residual(self, x: jax.Array) -> jax.Array:
+        """The residual branch.
+
+        Its last norm's scale starts at zero (Goyal et al. 2017), so that every block starts
+        as the identity.
+        """
+        raise NotImplementedError
+
+
+class ResNetBlock(_ResidualBlock):
+    """The basic residual block: two 3x3 convs (the first with the stride)."""
+
+    def residual(self, x: jax.Array) -> jax.Array:
+        """3x3 conv → norm → act → 3x3 conv → norm."""
+        y = self.conv(self.filters, (3, 3), self.strides)(x)
+        y = self.act(self.norm()(y))
+        y = self.conv(self.filters, (3, 3))(y)
+        return self.norm(scale_init=nn.initializers.zeros)(y)
+
+
+class BottleneckResNetBlock(_ResidualBlock):
+    """The bottleneck block of ResNet v1.5: 1x1 → 3x3 (with the stride) → 1x1 (4x filters).
+
+    v1.5 puts the stride on the 3x3 conv rather than the first 1x1 (as flax's and
+    torchvision's ResNet-50 do).
+    """
+
+    def residual(self, x: jax.Array) -> jax.Array:
+        """1x1 conv → norm → act → 3x3 conv → norm → act → 1x1 conv → norm."""
+        y = self.act(self.norm()(self.conv(self.filters, (1, 1))(x)))
+        y = self.act(self.norm()(self.conv(self.filters, (3, 3), self.strides)(y)))
+        y = self.conv(self.filters * 4, (1, 1))(y)
+        return self.norm(scale_init=nn.initializers.zeros)(y)
+
+
+class ResNet(nn.Module):
+    """ResNet v1 (v1.5 with the bottleneck block) for NHWC images, with a pluggable norm.
+
+    A 7x7 stride-2 conv and a 3x3 stride-2 max pool, then ``stage_sizes[i]`` blocks of
+    ``num_filters * 2**i`` filters per stage (stride 2 in the first block of every stage but
+    the first), global average pooling and a linear classifier. ``norm`` is the batch norm
+    class, built with flax's ImageNet settings (momentum 0.9, epsilon 1e-5):
+    :class:`flax.linen.BatchNorm` or :class:`jaxbn.linen.BatchNorm` give the same network
+    with the same variables.
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp, jaxbn.linen
+      >>> model = ResNet50(num_classes=10, norm=jaxbn.linen.BatchNorm)
+      >>> variables = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 32, 32, 3)))
+      >>> sorted(variables)
+      ['batch_stats', 'params']
+    """
+
+    stage_sizes: Sequence[int]
+    block_cls: ModuleDef
+    num_classes: int
+    num_filters: int = 64
+    dtype: Any = jnp.float32
+    act: Callable[[jax.Array], jax.Array] = nn.relu
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = nn.BatchNorm
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+        conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype)
+        norm = functools.partial(
+            self.norm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+            dtype=self.dtype,
+        )
+        x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="conv_init")(x)
+        x = nn.relu(norm(name="bn_init")(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        for i, block_size in enumerate(self.stage_sizes):
+            for j in range(block_size):
+                strides = (2, 2) if i > 0 and j == 0 else (1, 1)
+                x = self.block_cls(
+                    self.num_filters * 2**i, conv=conv, norm=norm, act=self.act, strides=strides
+                )(x)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(self.dtype)
+
+
+ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=ResNetBlock)
+ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckResNetBlock)

@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._dtypes import stats_dtype as stats_dtype
-from ._dtypes import wider_float as wider_float
+from ._dtypes import is_complex
 from ._state import BatchStats
 
 AxisName = Hashable | tuple[Hashable, ...]
@@ -42,10 +41,11 @@ def check_training(training: Any) -> bool:
 
 
 def check_input(x: jax.Array) -> None:
-    if not jnp.issubdtype(x.dtype, jnp.floating):
+    if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.complexfloating)):
         raise TypeError(
-            f"`x` must have a floating dtype (float16, bfloat16, float32 or float64), got "
-            f"{x.dtype}. Cast it first, e.g. x.astype(jnp.float32)."
+            f"`x` must have a floating dtype (float16, bfloat16, float32, float64) or a complex "
+            f"one (complex64, complex128), got {x.dtype}. Cast it first, e.g. "
+            f"x.astype(jnp.float32)."
         )
 
 
@@ -72,7 +72,11 @@ def with_shape(lay: Layout, shape: tuple[int, ...]) -> Layout:
     return lay._replace(feature_shape=feature_shape, broadcast_shape=broadcast_shape)
 
 
-def check_params(params: Mapping[str, Any] | None, feature_shape: tuple[int, ...]) -> None:
+def check_params(
+    params: Mapping[str, Any] | None, feature_shape: tuple[int, ...], x_shape: tuple[int, ...]
+) -> None:
+    """``params`` holds ``scale``/``bias`` of the feature shape, or of ``x``'s rank and
+    broadcastable to ``x`` (per-example parameters, for conditional normalization)."""
     if params is None:
         return
     if not isinstance(params, Mapping):
@@ -89,14 +93,35 @@ def check_params(params: Mapping[str, Any] | None, feature_shape: tuple[int, ...
         if value is None:
             continue
         shape = tuple(np.shape(value))
-        if shape != feature_shape:
+        if shape != feature_shape and not is_broadcastable(shape, x_shape):
             raise ValueError(
                 f'`params["{key}"]` must have the feature shape {feature_shape} of `x` along '
-                f"`axis`, got shape {shape}. Create it with jaxbn.init({feature_shape})."
+                f"`axis` (create it with jaxbn.init({feature_shape})), or, for per-example "
+                f"(conditional) parameters, the rank of `x` and a shape that broadcasts to "
+                f"its shape {x_shape}, such as {_conditional_example(feature_shape, x_shape)}; "
+                f"got shape {shape}."
             )
 
 
-def check_state(state: Any, feature_shape: tuple[int, ...]) -> None:
+def is_broadcastable(shape: tuple[int, ...], x_shape: tuple[int, ...]) -> bool:
+    """Whether ``shape`` has ``x``'s rank and broadcasts to ``x_shape``."""
+    return len(shape) == len(x_shape) and all(
+        d in (1, n) for d, n in zip(shape, x_shape, strict=True)
+    )
+
+
+def _conditional_example(feature_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> str:
+    """A per-example parameter shape for ``x``: the batch size, the features, else 1."""
+    kept = list(feature_shape)
+    shape = [x_shape[0] if x_shape else 1]
+    for size in x_shape[1:]:
+        shape.append(kept.pop(0) if kept and size == kept[0] else 1)
+    return str(tuple(shape))
+
+
+def check_state(
+    state: Any, feature_shape: tuple[int, ...], x_dtype: Any, *, training: bool
+) -> None:
     if not isinstance(state, BatchStats):
         raise TypeError(
             f"`state` must be a jaxbn.BatchStats (from jaxbn.init), got {type(state).__name__}."
@@ -108,13 +133,24 @@ def check_state(state: Any, feature_shape: tuple[int, ...]) -> None:
                 f"`state.{name}` must have the feature shape {feature_shape} of `x` along "
                 f"`axis`, got shape {shape}. Create the state with jaxbn.init({feature_shape})."
             )
-    for name in ("mean", "var"):
-        dtype = jnp.result_type(getattr(state, name))
-        if not jnp.issubdtype(dtype, jnp.floating) or jnp.finfo(dtype).bits < 32:
+    mean_dtype, var_dtype = jnp.result_type(state.mean), jnp.result_type(state.var)
+    for name, dtype in (("mean", mean_dtype), ("var", var_dtype)):
+        if not jnp.issubdtype(dtype, jnp.inexact) or jnp.finfo(dtype).bits < 32:
             raise TypeError(
                 f"`state.{name}` must be float32 or wider, got {dtype}. Keep the state that "
                 f"jaxbn.init creates; it never narrows."
             )
+    if is_complex(var_dtype):
+        raise TypeError(
+            f"`state.var` must be real (the variance E|x - mean|² of a complex `x` is), got "
+            f"{var_dtype}. Create the state with jaxbn.init(..., dtype=jnp.complex64)."
+        )
+    if training and is_complex(x_dtype) and not is_complex(mean_dtype):
+        raise TypeError(
+            f"`state.mean` must be complex to hold the running mean of a complex `x` "
+            f"({np.dtype(x_dtype)}), got {mean_dtype}; the state's dtypes never change. "
+            f"Create the state with jaxbn.init({feature_shape}, dtype=jnp.{np.dtype(x_dtype)})."
+        )
 
 
 def _concrete(value: Any) -> float | None:

@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from ._checks import check_epsilon, wider_float
+from ._checks import check_epsilon
+from ._dtypes import wider_float
+from ._normalize import coefficients, scale_shift
 from ._state import BatchStats
 
 __all__ = ["fold_conv", "fold_dense"]
@@ -203,16 +205,14 @@ def _fold(
             )
     arrays = [jnp.asarray(a) for a in (kernel, bias, scale, beta, mean, var) if a is not None]
     dtype = wider_float(np.float32, *(a.dtype for a in arrays))
-    multiplier = jax.lax.rsqrt(var.astype(dtype) + jnp.asarray(epsilon, dtype))
-    if scale is not None:
-        multiplier = multiplier * jnp.asarray(scale).astype(dtype)
+    multiplier, _ = coefficients(
+        var, None if scale is None else jnp.asarray(scale), jnp.asarray(epsilon, dtype), dtype
+    )
     broadcast = tuple(channels[0] if a == out_axis else 1 for a in range(kernel.ndim))
     new_kernel = kernel.astype(dtype) * multiplier.reshape(broadcast)
-    shift = -mean.astype(dtype)
-    if bias is not None:
-        shift = shift + jnp.asarray(bias).astype(dtype)
-    new_bias = shift * multiplier
-    if beta is not None:
-        new_bias = new_bias + jnp.asarray(beta).astype(dtype)
+    # The new bias is the batch norm of the old one (a zero vector when there is none).
+    old_bias = jnp.zeros(channels, dtype) if bias is None else jnp.asarray(bias).astype(dtype)
+    beta_ = None if beta is None else jnp.asarray(beta)
+    new_bias = scale_shift(old_bias, mean, multiplier, beta_, dtype)
     bias_dtype = kernel.dtype if bias is None else jnp.asarray(bias).dtype
     return new_kernel.astype(kernel.dtype), new_bias.astype(bias_dtype)

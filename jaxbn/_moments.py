@@ -1,11 +1,11 @@
 """Moments of a batch: local per-device moments and their combination across devices.
 
-The single cross-device collective of a batch-norm layer lives here (``combine``).
+The single forward collective of a batch-norm layer lives here (:func:`combine`), and so
+does the backward's (:func:`sync_sum`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -13,18 +13,18 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._checks import AxisName
+from ._copies import cpu_copies
+from ._dtypes import is_complex, with_kind
 
 __all__ = [
     "Moments",
+    "abs_sq",
     "combine",
     "local_moments",
-    "local_moments_and_condition",
     "mean_and_var",
     "merge",
-    "separate_reads",
-    "sum_over",
     "sync_sum",
-    "well_conditioned",
+    "widened_reads",
 ]
 
 
@@ -37,47 +37,18 @@ class Moments(NamedTuple):
     m2: jax.Array  # sum of squared deviations from `mean`
 
 
-# Below this ratio of mean² to variance, E[x²] - E[x]² in float32 keeps a relative error
-# under ~1e-5; above it, the variance is recomputed from centred values.
-CONDITION = 100.0
+def widened_reads(x: jax.Array, dtype: Any, n: int) -> tuple[jax.Array, ...]:
+    """``n`` reads of ``x`` for ``n`` kernels that each widen it to ``dtype``.
 
-
-def sum_over(operands: Sequence[jax.Array], axes: tuple[int, ...]) -> tuple[jax.Array, ...]:
-    """Sums each operand over ``axes``, keeping them as size 1.
-
-    Plain sums of fused producers (casts, products): XLA:GPU and XLA:TPU merge sibling
-    reductions of the same input into one multi-output kernel, so the input is read once;
-    XLA:CPU runs each as its own vectorized kernel. Operands of ``x``'s full shape only: a
-    per-feature vector broadcast inside a reduction makes XLA:CPU write the broadcast out.
+    A bfloat16 ``x`` gets its own copy per sum (XLA:CPU's sums read bfloat16 natively and
+    accumulate in float32, see :func:`~jaxbn._copies.cpu_copies`). float32 and wider need
+    no widening.
+    float16 is widened once and shared: XLA:CPU's sums do not read it natively, so it is
+    widened by a separate kernel either way, and one shared copy is cheaper than one each.
     """
-    return tuple(jnp.sum(op, axis=axes, keepdims=True) for op in operands)
-
-
-def separate_reads(x: jax.Array, dtype: Any, n: int = 2) -> tuple[jax.Array, ...]:
-    """``n`` times ``x`` itself, but on XLA:CPU as values that no other read of ``x`` merges with.
-
-    Widening a bfloat16 ``x`` to the float32 statistics dtype is free inside a reduction:
-    XLA:CPU's vectorized sum reads bfloat16 and accumulates in float32.
-    But when two sums (``Σx`` and ``Σx²``), or a sum and the normalization, widen the same
-    ``x``, XLA merges the identical converts into one with several users, and writes the
-    float32 copy of ``x`` out to memory (a full-size write and reads of twice the bytes).
-    Giving each sum its own copy of the value (the outputs of one ``optimization_barrier``,
-    which costs nothing at run time) keeps each convert inside its own sum. Only on CPU:
-    XLA:GPU and XLA:TPU fuse sibling reductions of the same value into one kernel that reads
-    ``x`` once, which the barrier would prevent; ``lax.platform_dependent`` picks the
-    branch when the program is lowered.
-    """
-    copies = (x,) * n
-    if x.dtype != jnp.bfloat16 or jnp.dtype(dtype).itemsize <= 2:
-        # float32 and wider need no widening. XLA:CPU's sums do not read float16 natively:
-        # a float16 x is widened by a separate kernel either way, and one shared float32
-        # copy is cheaper than one per sum.
-        return copies
-    return tuple(
-        lax.platform_dependent(
-            *copies, cpu=lambda *c: lax.optimization_barrier(c), default=lambda *c: c
-        )
-    )
+    if x.dtype == jnp.bfloat16 and jnp.dtype(dtype).itemsize > 2:
+        return cpu_copies(x, n)
+    return (x.astype(dtype),) * n
 
 
 def local_moments(
@@ -88,70 +59,45 @@ def local_moments(
 ) -> Moments:
     """Count, mean and M2 of ``x`` over ``reduction_axes``, counting only ``mask``'s entries.
 
-    See :func:`local_moments_and_condition`, which also returns whether the batch is well
-    conditioned.
+    Two passes, as in the textbook: ``mean = Σ x / n``, then ``M2 = Σ |x - mean|²``, both
+    accumulated in ``dtype`` (real; the mean of a complex ``x`` is complex, M2 is real).
+    No runtime branch and no reference value to choose: the variance is accurate at any
+    mean (flax's default ``E[x²] - E[x]²`` loses it entirely at mean 1e4, std 1), and
+    masked entries (which may hold NaN or inf) never enter a sum. XLA:CPU reads ``x`` once
+    per sum anyway, so the second pass costs what a second one-pass sum ``Σ x²`` would (4
+    passes with the normalization, forward). The results keep the feature axes and have
+    size 1 on the reduction axes, so they broadcast against ``x``.
     """
-    return local_moments_and_condition(x, reduction_axes, mask, dtype)[0]
-
-
-def local_moments_and_condition(
-    x: jax.Array,
-    reduction_axes: tuple[int, ...],
-    mask: jax.Array | None,
-    dtype: Any,
-) -> tuple[Moments, jax.Array]:
-    """``(moments, well_conditioned(mean, var))`` of ``x`` over ``reduction_axes``.
-
-    The results keep the feature axes and have size 1 on the reduction axes, so they
-    broadcast against ``x``. One pass gives ``S1 = Σ x`` and ``S2 = Σ x²`` (accumulated in
-    ``dtype``), hence ``mean = S1/n`` and ``M2 = S2 - S1·mean``. That difference cancels
-    catastrophically when ``mean² >> var`` (flax's default loses the variance entirely at
-    mean 1e4, std 1), so whenever some feature has ``mean² > CONDITION · var`` the variance
-    is recomputed from centred values, ``M2 = Σ (x - mean)²`` (``lax.cond``: that second pass
-    runs only for such batches, typically raw inputs, never for normalized activations).
-    """
+    value_dtype = with_kind(dtype, is_complex(x.dtype))
     if not reduction_axes:  # every axis is a feature axis: one entry per feature (vmap sync)
         count = jnp.ones(x.shape, dtype) if mask is None else jnp.broadcast_to(mask, x.shape)
         count = count.astype(dtype)
-        moments = Moments(count, x.astype(dtype) * count, jnp.zeros(x.shape, dtype))
-        return moments, jnp.asarray(True)
-    if mask is None:
+        return Moments(count, x.astype(value_dtype) * count.astype(value_dtype),
+                       jnp.zeros(x.shape, dtype))
+    valid = None if mask is None else jnp.broadcast_to(mask, x.shape)
+    if valid is None:
         kept = tuple(1 if a in reduction_axes else d for a, d in enumerate(x.shape))
         count = jnp.full(kept, _prod([x.shape[a] for a in reduction_axes]), dtype)
     else:
-        valid = jnp.broadcast_to(mask, x.shape)
         count = jnp.sum(valid, axis=reduction_axes, keepdims=True, dtype=dtype)
 
-    def widen(v: jax.Array) -> jax.Array:  # in the statistics dtype, masked entries zeroed
-        v = v.astype(dtype)
-        return v if mask is None else jnp.where(valid, v, 0)
+    def masked_sum(values: jax.Array) -> jax.Array:
+        if valid is not None:
+            values = jnp.where(valid, values, 0)
+        return jnp.sum(values, axis=reduction_axes, keepdims=True)
 
-    safe_count = jnp.maximum(count, 1)
-    values, values_too = (widen(v) for v in separate_reads(x, dtype))
-    total, total_sq = sum_over((values, jnp.square(values_too)), reduction_axes)
-    mean = total / safe_count
-    m2_fast = jnp.maximum(total_sq - total * mean, 0)
-
-    def centred() -> jax.Array:
-        # Widens ``x`` itself, so a narrow ``x`` enters the branch as it is (a widened copy
-        # closed over would be written out as the branch's operand). `mean - x`, not
-        # `x - mean`: keeps XLA from sharing one subtraction with the normalization and
-        # writing it out.
-        squares = jnp.square(mean - x.astype(dtype))
-        if mask is not None:
-            squares = jnp.where(valid, squares, 0)
-        return jnp.sum(squares, axis=reduction_axes, keepdims=True)
-
-    # When the one-pass variance passes the test it is accurate, so the test on the final
-    # variance would give the same answer: it is returned for the backward pass to reuse.
-    conditioned = well_conditioned(mean, m2_fast / safe_count)
-    m2 = lax.cond(conditioned, lambda: m2_fast, centred)
-    return Moments(count, mean, m2), conditioned
+    for_mean, for_m2 = widened_reads(x, value_dtype, 2)
+    mean = masked_sum(for_mean.astype(value_dtype)) / jnp.maximum(count, 1).astype(value_dtype)
+    (centre,) = cpu_copies(mean, 1)  # not shared with the normalization's broadcast
+    m2 = masked_sum(abs_sq(for_m2.astype(value_dtype) - centre))
+    return Moments(count, mean, m2)
 
 
-def well_conditioned(mean: jax.Array, var: jax.Array) -> jax.Array:
-    """Whether ``Σ x² - n·mean²``-style formulas are accurate for every feature (a bool)."""
-    return jnp.all(jnp.square(mean) <= CONDITION * var)
+def abs_sq(value: jax.Array) -> jax.Array:
+    """``|value|²``, real (``real² + imag²`` for complex values)."""
+    if is_complex(value.dtype):
+        return jnp.square(value.real) + jnp.square(value.imag)
+    return jnp.square(value)
 
 
 def _prod(shape: list[int]) -> int:
@@ -177,12 +123,16 @@ def combine(
     SyncBatchNorm; it moves ``3 * devices * features`` numbers, which is small next to any
     gradient all-reduce. The backward pass needs one collective too (:func:`sync_sum`).
     """
-    stacked = jnp.stack(local)  # [3, *feature_shape]
-    gathered = _all_gather(stacked, axis_name, axis_index_groups)  # [devices, 3, *feature_shape]
-    counts, means, m2s = gathered[:, 0], gathered[:, 1], gathered[:, 2]
+    complex_mean = is_complex(local.mean.dtype)
+    parts = (local.mean.real, local.mean.imag) if complex_mean else (local.mean,)
+    stacked = jnp.stack((local.valid_count, *parts, local.m2))  # [3 or 4, *feature_shape]
+    gathered = _all_gather(stacked, axis_name, axis_index_groups)  # [devices, 3|4, ...]
+    counts, m2s = gathered[:, 0], gathered[:, -1]
+    means = lax.complex(gathered[:, 1], gathered[:, 2]) if complex_mean else gathered[:, 1]
     count = jnp.sum(counts, axis=0)
-    mean = jnp.sum(counts * means, axis=0) / jnp.maximum(count, 1)
-    m2 = jnp.sum(m2s, axis=0) + jnp.sum(counts * jnp.square(means - mean[None]), axis=0)
+    weights = counts.astype(means.dtype)
+    mean = jnp.sum(weights * means, axis=0) / jnp.maximum(count, 1).astype(means.dtype)
+    m2 = jnp.sum(m2s, axis=0) + jnp.sum(counts * abs_sq(means - mean[None]), axis=0)
     return Moments(count, mean, m2)
 
 
@@ -232,8 +182,8 @@ def merge(a: Moments, b: Moments) -> Moments:
     count = a.valid_count + b.valid_count
     weight = b.valid_count / jnp.maximum(count, 1)
     delta = b.mean - a.mean
-    m2 = a.m2 + b.m2 + delta * delta * a.valid_count * weight
-    return Moments(count, a.mean + delta * weight, m2)
+    m2 = a.m2 + b.m2 + abs_sq(delta) * a.valid_count * weight
+    return Moments(count, a.mean + delta * weight.astype(delta.dtype), m2)
 
 
 def mean_and_var(moments: Moments) -> tuple[jax.Array, jax.Array]:

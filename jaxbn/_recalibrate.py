@@ -77,6 +77,33 @@ def _flatten(tree: Any) -> tuple[list[Any], Any]:
     return jax.tree.flatten(tree, is_leaf=_is_stats_node)
 
 
+def _paths(tree: Any, is_leaf: Callable[[Any], bool] | None = _is_stats_node) -> list[str]:
+    """The key path of each leaf (each statistics node by default), as ``keystr`` writes it:
+    ``['params']['BatchNorm_0']``; the empty string for the root."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    return [jax.tree_util.keystr(path) for path, _ in leaves]
+
+
+def _where(path: str) -> str:
+    return path or "the root"
+
+
+def _listing(paths: list[str], most: int = 5) -> str:
+    shown = ", ".join(_where(p) for p in paths[:most])
+    return shown if len(paths) <= most else f"{shown} and {len(paths) - most} more"
+
+
+def _difference(expected: list[str], given: list[str]) -> str:
+    """``"lacks X and has unexpected Y"``: how the leaf paths ``given`` differ from
+    ``expected``; empty if only the containers differ."""
+    missing = [p for p in expected if p not in given]
+    extra = [p for p in given if p not in expected]
+    parts = ([f"lacks {_listing(missing)}"] if missing else []) + (
+        [f"has unexpected {_listing(extra)}"] if extra else []
+    )
+    return " and ".join(parts)
+
+
 def _mean_var(node: Any) -> tuple[jax.Array, jax.Array]:
     if isinstance(node, BatchStats):
         return jnp.asarray(node.mean), jnp.asarray(node.var)
@@ -107,9 +134,12 @@ def recalibration_init(stats: Any) -> RecalibrationState:
     """
     nodes, treedef = _flatten(stats)
     if not any(_is_stats_node(node) for node in nodes):
+        leaf_paths = _paths(stats, is_leaf=None)
+        leaves = f"its leaves are at {_listing(leaf_paths)}" if leaf_paths else "it is empty"
         raise ValueError(
             "`stats` must contain batch-norm statistics: jaxbn.BatchStats or mappings with "
-            f'"mean" and "var" entries (a flax batch_stats collection), got {treedef}.'
+            f'"mean" and "var" entries (a flax batch_stats collection), got a tree with '
+            f"none ({leaves})."
         )
     pooled: list[PooledStats | None] = []
     for node in nodes:
@@ -122,16 +152,19 @@ def recalibration_init(stats: Any) -> RecalibrationState:
     return RecalibrationState(stats=stats, pooled=jax.tree.unflatten(treedef, pooled))
 
 
-def _counts_per_node(counts: Any, nodes: list[Any], treedef: Any) -> list[Any]:
+def _counts_per_node(counts: Any, stats: Any, treedef: Any) -> list[Any]:
     if isinstance(counts, (int, float, np.ndarray, np.generic, jax.Array)):
-        return [counts] * len(nodes)
+        return [counts] * treedef.num_leaves
     try:
         return treedef.flatten_up_to(counts)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError):
+        expected = _paths(stats)
+        difference = _difference(expected, _paths(counts, is_leaf=None))
         raise ValueError(
             "`counts` must be a number or array (the entries per feature of every layer in "
-            "this batch) or a pytree with one count in place of each statistics node of "
-            f"`batch_stats` {treedef}, got {counts!r}. ({err})"
+            "this batch) or a pytree with one count at the path of each statistics node of "
+            f"`batch_stats` ({_listing(expected)}), got a {type(counts).__name__} that "
+            f"{difference or 'has them in other containers'}."
         ) from None
 
 
@@ -184,38 +217,42 @@ def recalibration_update(
     """
     nodes, treedef = _flatten(acc.stats)
     batch_nodes, batch_treedef = _flatten(batch_stats)
+    paths = _paths(acc.stats)
     if batch_treedef != treedef:
+        difference = _difference(paths, _paths(batch_stats))
         raise ValueError(
             "`batch_stats` must have the structure of the statistics given to "
-            f"recalibration_init, {treedef}, got {batch_treedef}."
+            f"recalibration_init, with statistics at {_listing(paths)}, but it "
+            f"{difference or f'has them in other containers: {batch_treedef}'}. Pass the "
+            f"model's whole statistics tree (in `recalibrate`, return it from `batch_stats_fn`)."
         )
-    count_nodes = _counts_per_node(counts, nodes, treedef)
+    count_nodes = _counts_per_node(counts, acc.stats, treedef)
     pooled_nodes = treedef.flatten_up_to(acc.pooled)
     merged: list[PooledStats | None] = []
-    for path_index, (node, batch, count, pooled) in enumerate(
-        zip(nodes, batch_nodes, count_nodes, pooled_nodes, strict=True)
+    for path, node, batch, count, pooled in zip(
+        paths, nodes, batch_nodes, count_nodes, pooled_nodes, strict=True
     ):
         if not _is_stats_node(node):
             merged.append(None)
             continue
-        merged.append(_merge(pooled, batch, count, path_index))
+        merged.append(_merge(pooled, batch, count, path))
     return acc._replace(pooled=jax.tree.unflatten(treedef, merged))
 
 
-def _merge(pooled: PooledStats, batch: Any, count: Any, index: int) -> PooledStats:
+def _merge(pooled: PooledStats, batch: Any, count: Any, path: str) -> PooledStats:
     shape, dtype = pooled.mean.shape, pooled.mean.dtype
     batch_mean, batch_var = _mean_var(batch)
     for name, value in (("mean", batch_mean), ("var", batch_var)):
         if value.shape != shape:
             raise ValueError(
-                f"`batch_stats` statistics node {index} has {name} of shape {value.shape}, "
-                f"expected the feature shape {shape} given to recalibration_init."
+                f"`batch_stats` at {_where(path)} must have the feature shape {shape} that "
+                f"recalibration_init was given there, got {name} of shape {value.shape}."
             )
     count_shape = tuple(np.shape(count))
     if count_shape not in ((), shape):
         raise ValueError(
-            f"`counts` for statistics node {index} must be a scalar or of the feature shape "
-            f"{shape}, got shape {count_shape}."
+            f"`counts` for the layer at {_where(path)} must be a scalar or of its feature "
+            f"shape {shape}, got shape {count_shape}."
         )
     n_b = jnp.broadcast_to(jnp.asarray(count).astype(dtype), shape)
     n_b = jnp.where(n_b > 0, n_b, jnp.zeros_like(n_b))

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -11,19 +10,13 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from . import _checks
-from ._batch_norm import (
-    Ghost,
-    _affine,
-    _check_common,
-    _check_training_layout,
-    _groups,
-    _normalize,
-    batch_norm,
-    update_from_batch,
-)
-from ._checks import AxisName, wider_float
+from ._batch_norm import _check_common, _check_training_layout, grouped_inputs
+from ._checks import AxisName
+from ._dtypes import is_complex, stats_dtype
 from ._moments import combine, local_moments, mean_and_var
+from ._normalize import coefficients, compute_dtype, normalize_eval, scale_shift
 from ._state import BatchStats
+from ._update import update_from_batch
 
 __all__ = ["batch_renorm"]
 
@@ -122,10 +115,13 @@ def batch_renorm(
             debias=debias,
             unbiased_running_var=unbiased_running_var,
         )
-        stats_dtype = _checks.stats_dtype(x.dtype)
         if not training:
-            y = _normalize(x, state.mean, state.var, params, epsilon, lay)
-            return y, state
+            return normalize_eval(x, state.mean, state.var, params, epsilon, lay), state
+        if is_complex(x.dtype):
+            raise TypeError(
+                f"`x` must be real for batch_renorm in training (its r and d corrections are "
+                f"clipped real ratios), got {x.dtype}. Use jaxbn.batch_norm for complex input."
+            )
 
         ghost = _check_training_layout(
             x,
@@ -135,21 +131,20 @@ def batch_renorm(
             axis_index_groups=axis_index_groups,
             virtual_batch_size=virtual_batch_size,
         )
-        scale, bias = _affine(params)
-        x_g, scale_g, bias_g, mask_g = ghost.group(x, scale, bias, mask)
-        moments = local_moments(x_g, ghost.layout.reduction_axes, mask_g, stats_dtype)
+        x_g, scale_g, bias_g, mask_g = grouped_inputs(ghost, x, params, mask)
+        moments = local_moments(
+            x_g, ghost.layout.reduction_axes, mask_g, stats_dtype(x.dtype)
+        )
         if axis_name is not None:
-            moments = combine(moments, axis_name, _groups(axis_index_groups))
+            moments = combine(moments, axis_name, axis_index_groups)
         batch_mean, batch_var = mean_and_var(moments)
 
-        dtype = wider_float(
-            stats_dtype, state.mean.dtype, *(None if p is None else p.dtype for p in (scale, bias))
-        )
+        dtype = compute_dtype(x.dtype, state.mean, scale_g, bias_g)
         shape = ghost.layout.broadcast_shape
-        running_mean = _per_group(ghost, state.mean, shape, dtype)
-        running_var = _per_group(ghost, state.var, shape, dtype)
-        inv_sigma_batch = jax.lax.rsqrt(batch_var.astype(dtype) + epsilon)
-        inv_sigma = jax.lax.rsqrt(running_var + epsilon)
+        running_mean = ghost.per_group(state.mean.astype(dtype)).reshape(shape)
+        running_var = ghost.per_group(state.var.astype(dtype)).reshape(shape)
+        _, inv_sigma_batch = coefficients(batch_var, None, epsilon, dtype)
+        _, inv_sigma = coefficients(running_var, None, epsilon, dtype)
         r_max_ = jnp.asarray(r_max).astype(dtype)
         d_max_ = jnp.asarray(d_max).astype(dtype)
         r = jax.lax.stop_gradient(
@@ -158,13 +153,12 @@ def batch_renorm(
         d = jax.lax.stop_gradient(
             jnp.clip((batch_mean.astype(dtype) - running_mean) * inv_sigma, -d_max_, d_max_)
         )
-        mul, shift = r * inv_sigma_batch, d
-        if scale_g is not None:
-            scale_b = scale_g.astype(dtype).reshape(shape)
-            mul, shift = mul * scale_b, shift * scale_b
+        # y = scale · ((x - μ_B)/σ_B · r + d) + bias = (x - μ_B) · (scale·r/σ_B) + shift
+        mul, _ = coefficients(batch_var, scale_g, epsilon, dtype)
+        shift = d if scale_g is None else d * scale_g.astype(dtype)
         if bias_g is not None:
-            shift = shift + bias_g.astype(dtype).reshape(shape)
-        y = (x_g.astype(dtype) - batch_mean.astype(dtype)) * mul + shift
+            shift = shift + bias_g.astype(dtype)
+        y = scale_shift(x_g, batch_mean, mul * r, shift, dtype)
 
         new_state = update_from_batch(
             state,
@@ -176,33 +170,4 @@ def batch_renorm(
             debias=debias,
             unbiased_running_var=unbiased_running_var,
         )
-        return y.reshape(x.shape).astype(x.dtype), new_state
-
-
-def _per_group(ghost: Ghost, value: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
-    """A running statistic broadcast against the grouped ``x``, in ``dtype``."""
-    grouped = ghost.per_group(value.astype(dtype))
-    return grouped.reshape(shape)
-
-
-def bound_normalizer(
-    *,
-    use_renorm: bool,
-    r_max: ArrayLike,
-    d_max: ArrayLike,
-    virtual_batch_size: int | None,
-    debias: bool,
-    unbiased_running_var: bool,
-) -> Callable[..., tuple[jax.Array, BatchStats]]:
-    """``batch_norm``, or ``batch_renorm`` when ``use_renorm``, with the variant options bound.
-
-    The Flax adapters translate their fields through this one place.
-    """
-    options: dict[str, Any] = {
-        "virtual_batch_size": virtual_batch_size,
-        "debias": debias,
-        "unbiased_running_var": unbiased_running_var,
-    }
-    if use_renorm:
-        return functools.partial(batch_renorm, r_max=r_max, d_max=d_max, **options)
-    return functools.partial(batch_norm, **options)
+        return y.reshape(x.shape), new_state

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from ._dtypes import stats_dtype
+from ._dtypes import is_complex, stats_dtype, with_kind
 
 __all__ = ["BatchStats", "Params", "init"]
 
@@ -31,9 +31,11 @@ class BatchStats(NamedTuple):
     """
 
     mean: jax.Array
-    """float32 (or wider) ``[*feature_shape]``: running mean of the batch means."""
+    """float32 (or wider; complex64 or wider for complex input) ``[*feature_shape]``:
+    running mean of the batch means."""
     var: jax.Array
-    """float32 (or wider) ``[*feature_shape]``: running mean of the biased batch variances."""
+    """float32 (or wider; real for complex input) ``[*feature_shape]``: running mean of the
+    biased batch variances ``E|x - mean|²``."""
     # The contract names this field `count`; it intentionally shadows tuple.count.
     count: jax.Array  # type: ignore[assignment]
     """int32 ``[]``: number of batches merged into ``mean``/``var`` so far.
@@ -73,14 +75,17 @@ def init(
       feature_shape: the size of the feature axis (``C`` for NHWC or NCHW input), or a
         tuple of sizes when several axes are features (``axis=(1, 2)`` in ``batch_norm``).
       dtype: floating dtype of the parameters. The statistics use this dtype promoted to at
-        least float32 (bfloat16 parameters get float32 statistics).
+        least float32 (bfloat16 parameters get float32 statistics). A complex dtype (for
+        complex input, as flax normalizes it) gives complex parameters, a complex running
+        mean and a real running variance ``E|x - mean|²``.
 
     Returns:
       ``(params, state)``: ``params = {"scale": ones, "bias": zeros}`` and
       ``state = BatchStats(mean=zeros, var=ones, count=0)``.
 
     Raises:
-      TypeError: ``feature_shape`` is not an int or tuple of ints, or ``dtype`` is not floating.
+      TypeError: ``feature_shape`` is not an int or tuple of ints, or ``dtype`` is neither
+        floating nor complex.
       ValueError: a size in ``feature_shape`` is not positive.
 
     Example:
@@ -90,15 +95,16 @@ def init(
       ((3,), dtype('float32'), 0)
     """
     shape = _feature_shape(feature_shape)
-    if not jnp.issubdtype(dtype, jnp.floating):
+    if not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(
-            f"`dtype` must be a floating dtype such as jnp.float32, got {np.dtype(dtype)}."
+            f"`dtype` must be a floating dtype such as jnp.float32 (or a complex one, for "
+            f"complex input), got {np.dtype(dtype)}."
         )
-    stats_dtype_ = stats_dtype(dtype)
+    real = stats_dtype(dtype)
     params: Params = {"scale": jnp.ones(shape, dtype), "bias": jnp.zeros(shape, dtype)}
     state = BatchStats(
-        mean=jnp.zeros(shape, stats_dtype_),
-        var=jnp.ones(shape, stats_dtype_),
+        mean=jnp.zeros(shape, with_kind(real, is_complex(dtype))),
+        var=jnp.ones(shape, real),
         count=jnp.zeros((), jnp.int32),
     )
     return params, state

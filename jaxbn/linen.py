@@ -20,10 +20,9 @@ import jax.numpy as jnp
 from flax.linen import initializers
 from flax.typing import Dtype, Initializer
 
-from ._checks import layout, wider_float, with_shape
-from ._checks import stats_dtype as stats_dtype_of
-from ._renorm import bound_normalizer
-from ._state import BatchStats
+from ._adapter import check_use_running_average, normalize_with_fields, output_dtype, stored
+from ._checks import layout, with_shape
+from ._dtypes import wider_float
 
 __all__ = ["BatchNorm"]
 
@@ -126,8 +125,8 @@ class BatchNorm(nn.Module):
         During ``init`` the running statistics are not updated and the statistics are not
         synchronized across devices (``axis_name`` need not be bound), as in flax.
         """
-        use_running_average = nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average
+        use_running_average = check_use_running_average(
+            nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         )
         x = jnp.asarray(x)
         lay = with_shape(layout(x.ndim, self.axis), x.shape)
@@ -148,45 +147,29 @@ class BatchNorm(nn.Module):
             if self.use_bias
             else None
         )
-        # flax's canonicalize_dtype, without jnp.result_type (which strict promotion rejects).
-        out_dtype = self.dtype or wider_float(
-            x.dtype, *(None if p is None else p.dtype for p in (scale, bias))
-        )
-        stats_dtype = stats_dtype_of(stored_dtype)
+        out_dtype = output_dtype(self.dtype, x, scale, bias)
         count = (
             self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
             if self.debias
             else None
         )
-        state = BatchStats(
-            mean=ra_mean.value.astype(stats_dtype),
-            var=ra_var.value.astype(stats_dtype),
-            count=jnp.zeros((), jnp.int32) if count is None else count.value,
-        )
         initializing = self.is_initializing()
-        normalize = bound_normalizer(
-            use_renorm=self.use_renorm,
-            r_max=self.r_max,
-            d_max=self.d_max,
-            virtual_batch_size=self.virtual_batch_size,
-            debias=self.debias,
-            unbiased_running_var=self.unbiased_running_var,
-        )
-        y, new_state = normalize(
+        y, new_state = normalize_with_fields(
+            self,
             x.astype(wider_float(x.dtype, out_dtype)),
-            {"scale": scale, "bias": bias},
-            state,
+            scale,
+            bias,
+            ra_mean.value,
+            ra_var.value,
+            None if count is None else count.value,
             training=not use_running_average,
-            axis=self.axis,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
             axis_name=None if initializing else self.axis_name,
             axis_index_groups=None if initializing else self.axis_index_groups,
             mask=mask,
         )
         if not use_running_average and not initializing:
-            ra_mean.value = new_state.mean.astype(ra_mean.value.dtype)
-            ra_var.value = new_state.var.astype(ra_var.value.dtype)
+            ra_mean.value = stored(new_state.mean, ra_mean.value)
+            ra_var.value = stored(new_state.var, ra_var.value)
             if count is not None:
                 count.value = new_state.count
         return y.astype(out_dtype)

@@ -17,10 +17,14 @@ from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
-from ._checks import stats_dtype as stats_dtype_of
-from ._checks import wider_float
-from ._renorm import bound_normalizer
-from ._state import BatchStats
+from ._adapter import (
+    check_features,
+    check_use_running_average,
+    normalize_with_fields,
+    output_dtype,
+    stored,
+)
+from ._dtypes import wider_float
 
 __all__ = ["BatchNorm"]
 
@@ -179,6 +183,9 @@ class BatchNorm(nnx.Module):
                 "use_running_average=True/False to BatchNorm(...) or to the call, or call "
                 "model.train() / model.eval() first."
             )
+        use_running_average = check_use_running_average(use_running_average)
+        x = jnp.asarray(x)
+        check_features(x, self.axis, (self.num_features,), "num_features")
         scale = self.scale[...] if self.scale is not None else None
         bias = self.bias[...] if self.bias is not None else None
         stored_mean, stored_var = self.mean[...], self.var[...]
@@ -187,41 +194,28 @@ class BatchNorm(nnx.Module):
             x, mean, var, scale, bias = _promote(arrays, self.dtype)
         else:
             x, mean, var, scale, bias = self.promote_dtype(arrays, dtype=self.dtype)
-        out_dtype = self.dtype or wider_float(
-            x.dtype, *(None if p is None else p.dtype for p in (scale, bias))
-        )
+        out_dtype = output_dtype(self.dtype, x, scale, bias)
         if not use_running_average:
             # The EMA runs on the stored (float32) statistics, as in flax.
             mean, var = stored_mean, stored_var
-        stats_dtype = stats_dtype_of(stored_mean.dtype)
-        state = BatchStats(
-            mean=mean.astype(stats_dtype),
-            var=var.astype(stats_dtype),
-            count=jnp.zeros((), jnp.int32) if self.count is None else self.count[...],
-        )
-        normalize = bound_normalizer(
-            use_renorm=self.use_renorm,
-            r_max=self.r_max,
-            d_max=self.d_max,
-            virtual_batch_size=self.virtual_batch_size,
-            debias=self.debias,
-            unbiased_running_var=self.unbiased_running_var,
-        )
-        y, new_state = normalize(
+        y, new_state = normalize_with_fields(
+            self,
             x,
-            {"scale": scale, "bias": bias},
-            state,
+            scale,
+            bias,
+            mean,
+            var,
+            None if self.count is None else self.count[...],
             training=not use_running_average,
-            axis=self.axis,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
             mask=mask,
         )
         if not use_running_average:
-            self.mean[...] = new_state.mean.astype(stored_mean.dtype)
-            self.var[...] = new_state.var.astype(stored_var.dtype)
+            # set_value replaces the array: the mean of a complex input stays complex
+            # (flax.nnx warns and keeps its real part; flax.linen keeps it complex).
+            self.mean.set_value(stored(new_state.mean, stored_mean))
+            self.var.set_value(stored(new_state.var, stored_var))
             if self.count is not None:
                 self.count[...] = new_state.count
         return y.astype(out_dtype)

@@ -1,17 +1,29 @@
 """The benchmark's exact counters, and the benchmark itself at toy size (no timing asserts)."""
 
+import functools
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import linen as nn
+from flax import traverse_util
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxbn
+import jaxbn.linen
 from experiments import bench
+from experiments.bench.command import _bandwidth, _merge
+from experiments.bench.layers import layer_passes
+from experiments.bench.networks import step_config
+from experiments.bench.worker import run_in_fresh_process
 from experiments.hlo import count_collectives, count_passes
+from experiments.models import BottleneckResNetBlock, ResNet, ResNet18, ResNet50
 
 SHAPE = (32, 8, 8, 16)
 NUMEL = int(np.prod(SHAPE))
@@ -102,37 +114,6 @@ def test_collectives_are_counted_once_each():
     assert counts["all-gather"] == 1
 
 
-def test_the_benchmark_runs_at_toy_size(tmp_path):
-    # Two timing processes: the layer timings run in fresh subprocesses and are merged.
-    shapes = (("toy", (8, 4), -1, "float32"), ("toy bf16", (4, 2, 2, 4), -1, "bfloat16"))
-    with jax.numpy_dtype_promotion("standard"):
-        results = bench.run_bench(
-            out=tmp_path,
-            shapes=shapes,
-            rounds=1,
-            mlp={"depth": 2, "width": 8, "batch": 4},
-            folding={"batch": 2, "size": 4, "channels": (4, 8)},
-            processes=2,
-        )
-    saved = json.loads((tmp_path / "bench.json").read_text())
-    assert (tmp_path / "bench.png").stat().st_size > 0
-    assert [row["shape"] for row in saved["layers"]] == ["toy", "toy bf16"]
-    for row in results["layers"]:
-        for mode in bench.MODES:
-            assert row[mode]["x_proxy"]["proxy"] == pytest.approx(1.0)
-            assert set(row[mode]["passes"]) == set(bench.IMPLS)
-            per_process = row[mode]["jaxbn_over_flax_per_process"]
-            assert len(per_process) == 2 and all(r > 0 for r in per_process)
-            assert row[mode]["jaxbn_over_flax"] == pytest.approx(sum(per_process) / 2)
-    assert saved["collectives_per_layer_shard_map"]["jaxbn"] == {
-        "forward": 1,
-        "forward_backward": 2,
-    }
-    assert set(saved["mlp"]["step_ratio_vs_no_bn"]) == {"jaxbn", "flax"}
-    assert len(saved["mlp"]["step_ratio_vs_no_bn_per_process"]["jaxbn"]) == 2
-    assert saved["folding"]["max_abs_diff"] <= 1e-5
-
-
 def test_a_conditional_counts_its_cheaper_branch():
     x = jnp.ones(SHAPE)
 
@@ -152,4 +133,219 @@ def test_the_cli_rejects_a_process_count_below_one(capsys):
 
     with pytest.raises(SystemExit):
         main(["bench", "--processes", "0"])
-    assert "--processes must be at least 1, got 0" in capsys.readouterr().err
+    assert "argument --processes: expected an integer >= 1, got '0'" in capsys.readouterr().err
+
+
+def test_importing_the_bench_imports_neither_jax_nor_the_command_line():
+    # The command line reads its options before jax is imported (XLA_FLAGS), and the bench
+    # must not import experiments.__main__ back (it once did: an import cycle).
+    code = (
+        "import sys, experiments.bench\n"
+        "print(sorted(m for m in ('jax', 'experiments.__main__') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[]"
+
+
+TOY_SHAPES = (("toy", (8, 4), -1, "float32"), ("toy NCHW bf16", (4, 4, 2, 2), 1, "bfloat16"))
+
+
+@pytest.fixture(scope="module")
+def toy_passes():
+    with jax.numpy_dtype_promotion("standard"):  # the proxy and flax promote bfloat16 x
+        return layer_passes(TOY_SHAPES, ensemble=4)
+
+
+def test_vmap_passes_are_per_element_of_the_ensemble(toy_passes):
+    # An elementwise op (the proxy) costs the same per element with or without vmap.
+    assert [row["numel"] for row in toy_passes] == [32, 64]
+    assert [row["itemsize"] for row in toy_passes] == [4, 2]
+    for row in toy_passes:
+        assert set(row["vmap_train_fwd_bwd"]) == set(bench.IMPLS)
+        proxy = row["passes"]["train_fwd_bwd"]["proxy"]["total"]
+        assert row["vmap_train_fwd_bwd"]["proxy"] == proxy == 7
+
+
+def test_jaxbn_makes_no_more_passes_per_element_under_vmap(toy_passes):
+    # Regression: with a lax.cond in training mode, vmap ran both branches (13 against 10).
+    for row in toy_passes:
+        without_vmap = row["passes"]["train_fwd_bwd"]["jaxbn"]["total"]
+        assert row["vmap_train_fwd_bwd"]["jaxbn"] <= without_vmap
+
+
+TOY_MLP = {"depth": 2, "width": 8, "batch": 4}
+TOY_RESNET = {"stage_sizes": [1], "num_filters": 4, "batch": 2, "size": 16, "num_classes": 10}
+
+
+def test_the_compile_time_worker_returns_positive_seconds():
+    times = run_in_fresh_process("compile_time", model="resnet50", norm="jaxbn",
+                                 config=TOY_RESNET)
+    assert set(times) == {"lower_s", "compile_s"}
+    assert all(0 < seconds < 600 for seconds in times.values())
+
+
+def test_step_config_defaults_and_overrides():
+    config = step_config("resnet50", {"batch": 2})
+    assert config["stage_sizes"] == [3, 4, 6, 3] and config["batch"] == 2
+    assert (config["size"], config["num_classes"]) == (32, 1000)  # the CPU default
+    assert config["optimizer"].startswith("sgd")
+
+
+@pytest.mark.parametrize(("model", "overrides", "match"), [
+    ("resnet", None, r"`model`.*'mlp', 'resnet50'.*got 'resnet'"),
+    ("mlp", {"bacth": 2}, r"`overrides` keys for 'mlp'.*got \['bacth'\]"),
+    ("resnet50", {"optimizer": "adam"}, r"`overrides`.*got \['optimizer'\]"),
+])
+def test_step_config_rejects_bad_input(model, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        step_config(model, overrides)
+
+
+def test_unknown_worker_task_and_bad_process_counts_are_rejected():
+    with pytest.raises(ValueError, match=r"`task` in .*got 'timings'"):
+        run_in_fresh_process("timings")
+    with pytest.raises(ValueError, match=r"`compile_processes` >= 1, got 0"):
+        bench.measure(compile_processes=0)
+
+
+def test_merge_takes_medians_and_keeps_each_processs_ratios():
+    runs = [
+        {"config": {"depth": 2}, "ms": {"a": 1.0}, "a_over_b": 0.5},
+        {"config": {"depth": 2}, "ms": {"a": 3.0}, "a_over_b": 0.9},
+        {"config": {"depth": 2}, "ms": {"a": 2.0}, "a_over_b": 0.7},
+    ]
+    assert _merge(runs) == {
+        "config": {"depth": 2},
+        "ms": {"a": 2.0},
+        "a_over_b": 0.7,
+        "a_over_b_per_process": [0.5, 0.9, 0.7],
+    }
+
+
+def _timed_row(numel, itemsize, passes, ms):
+    timed = {"passes": {impl: {"total": passes} for impl in bench.IMPLS},
+             "ms": dict.fromkeys(bench.IMPLS, ms)}
+    return {"shape": f"n={numel}", "dtype": "float32", "numel": numel, "itemsize": itemsize,
+            **dict.fromkeys(bench.MODES, timed)}
+
+
+@pytest.mark.parametrize(("backend", "kind", "peak"), [
+    ("gpu", "NVIDIA H200", 4.8e12), ("gpu", "a future GPU", None), ("cpu", "cpu", None),
+])
+def test_bandwidth_is_the_counted_bytes_over_the_time_at_the_largest_shape(backend, kind, peak):
+    layers = [_timed_row(1000, 4, 10.0, 1e-3), _timed_row(10, 4, 10.0, 1e-6)]
+    result = _bandwidth(layers, {"backend": backend, "device_kind": kind})
+    assert result["shape"] == "n=1000" and result["bytes_per_pass"] == 4000
+    assert result["bytes_per_s"]["eval"]["jaxbn"] == pytest.approx(10 * 4000 / 1e-6)
+    assert result["peak_bytes_per_s"] == peak
+    if peak is None:
+        assert result["fraction_of_peak"] is None
+    else:
+        assert result["fraction_of_peak"]["train_fwd_bwd"]["flax"] == pytest.approx(4e10 / peak)
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_at_toy_size(tmp_path, capsys):
+    results = bench.run_bench(
+        out=tmp_path,
+        shapes=TOY_SHAPES,
+        rounds=1,
+        mlp=TOY_MLP,
+        resnet=TOY_RESNET,
+        folding={"batch": 2, "size": 4, "channels": (4, 8)},
+        compile_processes=1,
+    )
+    printed = capsys.readouterr().out
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    assert [row["shape"] for row in saved["layers"]] == ["toy", "toy NCHW bf16"]
+    for row in saved["layers"]:
+        for mode in bench.MODES:
+            assert row[mode]["x_proxy"]["proxy"] == pytest.approx(1.0)
+            assert set(row[mode]["passes"]) == set(bench.IMPLS)
+            assert len(row[mode]["jaxbn_over_flax_per_process"]) == 1
+        assert row["vmap_passes_train_fwd_bwd"]["proxy"] == {
+            "without_vmap": 7.0, "under_vmap": 7.0
+        }
+    bandwidth = saved["bandwidth"]
+    assert bandwidth["shape"] == "toy NCHW bf16" and bandwidth["bytes_per_pass"] == 128
+    assert all(v > 0 for by_impl in bandwidth["bytes_per_s"].values() for v in by_impl.values())
+    assert bandwidth["peak_bytes_per_s"] is None and "unknown peak" in printed
+    assert saved["collectives_per_layer_shard_map"]["jaxbn"] == {
+        "forward": 1,
+        "forward_backward": 2,
+    }
+    assert set(saved["steps"]["mlp"]["ms"]) == {"none", "jaxbn", "flax"}
+    assert saved["steps"]["resnet50"]["config"]["stage_sizes"] == [1]
+    assert saved["steps"]["resnet50"]["jaxbn_over_flax"] > 0
+    for model, norms in (("mlp", {"none", "jaxbn", "flax"}), ("resnet50", {"jaxbn", "flax"})):
+        assert set(saved["compile"][model]["compile_s"]) == norms
+        assert saved["compile"][model]["compile_jaxbn_over_flax"] > 0
+    assert "jaxbn/flax" in printed and "trace+lower" in printed
+    assert saved["folding"]["max_abs_diff"] <= 1e-5
+
+
+def _param_count(model):
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 32, 32, 3)))
+    return sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
+
+
+def test_resnets_have_the_standard_parameter_counts():
+    # torchvision's resnet50 and resnet18 (1000 classes) have exactly these.
+    assert _param_count(ResNet50(num_classes=1000)) == 25_557_032
+    assert _param_count(ResNet18(num_classes=1000)) == 11_689_512
+
+
+def _toy_resnet(norm):
+    return ResNet(stage_sizes=(1, 1), block_cls=BottleneckResNetBlock, num_classes=10,
+                  num_filters=8, norm=norm)
+
+
+TOY_IMAGES = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+
+
+@pytest.fixture(scope="module")
+def toy_resnet_variables():
+    model = _toy_resnet(nn.BatchNorm)
+    return jax.jit(lambda key: model.init(key, TOY_IMAGES, train=False))(jax.random.key(1))
+
+
+def test_resnet_blocks_start_as_identity_maps(toy_resnet_variables):
+    block = toy_resnet_variables["params"]["BottleneckResNetBlock_1"]
+    assert sorted(block) == ["BatchNorm_0", "BatchNorm_1", "BatchNorm_2", "Conv_0", "Conv_1",
+                             "Conv_2", "conv_proj", "norm_proj"]
+    assert block["conv_proj"]["kernel"].shape == (1, 1, 32, 64)  # 4x filters of stage 2
+    np.testing.assert_array_equal(block["BatchNorm_2"]["scale"], 0.0)
+    np.testing.assert_array_equal(block["BatchNorm_1"]["scale"], 1.0)
+
+
+def test_resnet_with_jaxbn_matches_resnet_with_flax_batchnorm(toy_resnet_variables):
+    x, labels, variables = TOY_IMAGES, jnp.array([3, 7]), toy_resnet_variables
+    flax_model, jaxbn_model = _toy_resnet(nn.BatchNorm), _toy_resnet(jaxbn.linen.BatchNorm)
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
+        jnp.shape, jax.eval_shape(lambda key: jaxbn_model.init(key, x, train=False),
+                                  jax.random.key(1))
+    )
+    # Random BN scales, so that the zero-initialized ones do not hide a block's last BN.
+    params = traverse_util.flatten_dict(variables["params"])
+    for index, path in enumerate(p for p in params if p[-1] == "scale"):
+        key = jax.random.fold_in(jax.random.key(2), index)
+        params[path] = jax.random.uniform(key, params[path].shape, minval=0.5, maxval=1.5)
+    params = traverse_util.unflatten_dict(params)
+
+    def loss(model, params):
+        logits, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                      x, train=True, mutable=["batch_stats"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, updates["batch_stats"]
+
+    results = [jax.jit(jax.value_and_grad(functools.partial(loss, model), has_aux=True))(params)
+               for model in (flax_model, jaxbn_model)]
+    (flax_loss, flax_stats), flax_grads = results[0]
+    (jaxbn_loss, jaxbn_stats), jaxbn_grads = results[1]
+    np.testing.assert_allclose(jaxbn_loss, flax_loss, rtol=1e-5)
+    for ours, theirs in ((jaxbn_stats, flax_stats), (jaxbn_grads, flax_grads)):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+                     ours, theirs)

@@ -22,6 +22,9 @@ VALUES = {
     "--out": ["somewhere"],
     "--budget": ["0.5"],
     "--processes": ["2"],
+    "--compile-processes": ["2"],
+    "--resnet-batch": ["2"],
+    "--resnet-size": ["16"],
     "--coordinator": DISTRIBUTED[1:],
     "--num-processes": [*DISTRIBUTED[3:4], *DISTRIBUTED[:2], *DISTRIBUTED[4:]],
     "--process-id": [*DISTRIBUTED[5:], *DISTRIBUTED[:4]],
@@ -124,7 +127,7 @@ BAD_INPUT = [
                                               r"got 2"),
     (["--processes", "2", "bench"], r"--processes is not an option before the command"),
     (["--seeds", "2", "list"], r"unrecognized arguments: --seeds 2"),
-    (["bench", "--processes", "0"], r"--processes must be at least 1, got 0"),
+    (["bench", "--processes", "0"], r"--processes: expected an integer >= 1, got .0."),
     (["plot", "{out}"], r"expected DIR/results.json, got DIR '.*' without one"),
     (["--devices", "16", "run", "convergence", *RUN], r"expected 16 devices, but jax has already "
                                                 r"started with 8"),

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import bench, data, verdict
+from experiments import data, verdict
 from experiments.__main__ import main
+from experiments.bench.networks import folding
 from experiments.claims import Settings, batch_size, recalibration
 from experiments.models import ghost_size, make_model
 from experiments.train import Config, Trainer, _batch_indices
@@ -142,7 +143,7 @@ def test_batch_size_table_lists_every_norm_and_size():
 
 
 def test_folding_check_at_toy_size():
-    result = bench._folding_bench(1, batch=2, size=8, channels=(4, 4))
+    result = folding(1, batch=2, size=8, channels=(4, 4))
     assert set(result["ms"]) == {"bn", "folded"}
     assert result["max_abs_diff"] <= 1e-5
     assert result["folded_over_bn"] > 0

@@ -310,18 +310,62 @@ def test_nnx_recipe():
 
 def test_errors():
     _, state = jaxbn.init(3)
-    with pytest.raises(ValueError, match="`stats` must contain batch-norm statistics"):
+    with pytest.raises(ValueError, match=r"`stats` must contain batch-norm statistics: .* got "
+                       r"a tree with none \(its leaves are at \['w'\]\)"):
         jaxbn.recalibration_init({"w": jnp.ones(3)})
+    with pytest.raises(ValueError, match=r"`stats` must contain .* \(it is empty\)"):
+        jaxbn.recalibration_init({})
     acc = jaxbn.recalibration_init({"bn": state})
-    with pytest.raises(ValueError, match="`batch_stats` must have the structure"):
+    with pytest.raises(ValueError, match=r"`batch_stats` must have the structure of the statistics "
+                       r"given to recalibration_init, with statistics at \['bn'\], but it lacks "
+                       r"\['bn'\] and has unexpected \['other'\]\."):
         jaxbn.recalibration_update(acc, {"other": state}, 4)
-    with pytest.raises(ValueError, match=r"`batch_stats` statistics node 0 has mean of shape"):
+    with pytest.raises(ValueError, match=r"`batch_stats` at \['bn'\] must have the feature shape "
+                       r"\(3,\) that recalibration_init was given there, got mean of shape \(4,\)"):
         jaxbn.recalibration_update(acc, {"bn": jaxbn.init(4)[1]}, 4)
-    with pytest.raises(ValueError, match=r"`counts` for statistics node 0 must be a scalar"):
+    with pytest.raises(ValueError, match=r"`counts` for the layer at \['bn'\] must be a scalar or "
+                       r"of its feature shape \(3,\), got shape \(2,\)"):
         jaxbn.recalibration_update(acc, {"bn": state}, np.ones(2))
-    with pytest.raises(ValueError, match="`counts` must be a number or array"):
+    with pytest.raises(ValueError, match=r"`counts` must be a number or array .* statistics node "
+                       r"of `batch_stats` \(\['bn'\]\), got a dict that lacks \['bn'\] and has "
+                       r"unexpected \['bm'\]\."):
         jaxbn.recalibration_update(acc, {"bn": state}, {"bm": 3})
     with pytest.raises(ValueError, match="`batches` yielded no batch"):
         jaxbn.recalibrate(lambda x: (state, 1), [], state)
     with pytest.raises(TypeError, match="`batch_stats_fn` must return a pair"):
         jaxbn.recalibrate(lambda x: state, [0], state)
+
+
+def test_errors_name_the_layer_by_its_path():
+    """In a flax-shaped tree the messages say which layer, not a statistics-node index or two
+    whole treedefs."""
+    _, state = jaxbn.init(3)
+    tree = {"params": {"BatchNorm_0": state, "BatchNorm_1": {"mean": state.mean, "var": state.var}}}
+    acc = jaxbn.recalibration_init(tree)
+    half = {"params": {"BatchNorm_0": state, "BatchNorm_1": {"mean": state.mean}}}
+    with pytest.raises(ValueError, match=r"but it lacks \['params'\]\['BatchNorm_1'\] and has "
+                       r"unexpected \['params'\]\['BatchNorm_1'\]\['mean'\]\. Pass"):
+        jaxbn.recalibration_update(acc, half, 4)
+    wrong = {"params": {"BatchNorm_0": state, "BatchNorm_1": jaxbn.init(5)[1]}}
+    with pytest.raises(ValueError, match=r"`batch_stats` at \['params'\]\['BatchNorm_1'\] must "
+                       r"have the feature shape \(3,\) .* got mean of shape \(5,\)"):
+        jaxbn.recalibration_update(acc, wrong, 4)
+    counts = {"params": {"BatchNorm_0": 4, "BatchNorm_1": np.ones(2)}}
+    with pytest.raises(ValueError, match=r"`counts` for the layer at \['params'\]\['BatchNorm_1'\] "
+                       r"must be a scalar"):
+        jaxbn.recalibration_update(acc, tree, counts)
+    with pytest.raises(ValueError, match=r"`batch_stats` at the root must have the feature shape"):
+        jaxbn.recalibration_update(jaxbn.recalibration_init(state), jaxbn.init(4)[1], 4)
+    many = jaxbn.recalibration_init({f"bn{i}": state for i in range(8)})
+    with pytest.raises(ValueError, match=r"lacks \['bn0'\], .*, \['bn4'\] and 3 more\."):
+        jaxbn.recalibration_update(many, {}, 4)
+
+
+def test_errors_on_same_paths_in_other_containers_show_the_structure():
+    _, state = jaxbn.init(3)
+    acc = jaxbn.recalibration_init([state, state])
+    with pytest.raises(ValueError, match=r"with statistics at \[0\], \[1\], but it has them in "
+                       r"other containers: PyTreeDef\(\(\*, \*\)\)"):
+        jaxbn.recalibration_update(acc, (state, state), 4)
+    with pytest.raises(ValueError, match=r"got a tuple that has them in other containers\."):
+        jaxbn.recalibration_update(acc, [state, state], (4, 4))
