@@ -1,227 +1,316 @@
-"""The command line: ``python -m experiments [list | run CLAIM... | plot DIR] [options]``.
+"""The command line: ``python -m experiments [OPTIONS] [COMMAND [ARGUMENTS]]``.
 
-Arguments are parsed before jax is imported, because ``--devices N`` (and the 8 host devices
-the ``sync`` claim needs) must reach XLA_FLAGS first.
+Without a command it runs every claim. An option may stand before or after the command: the
+words before the command are parsed again by the command's own parser, so an option takes
+effect wherever it stands, and an option the command does not have is rejected in one line.
+Every value is checked here, with the installed extras and every config of the chosen
+claims, before anything trains; a bad one exits with status 2 and a one-line message.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import math
 import os
 import shlex
 import sys
 import time
-import traceback
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
+from . import data
 from .bench import add_arguments as add_bench_arguments  # imports no jax, as .claims
 from .bench import run_from_args as run_bench_from_args
-from .claims import CLAIM_IDS  # imports no jax: parsing must precede XLA_FLAGS
+from .claims import CLAIM_IDS  # imports neither jax nor the extras: checks come first
 
 SYNC_DEVICES = 8
+COMMANDS = ("list", "run", "plot", "bench", "readme")
+# The extras of pyproject.toml: the modules each one installs, by pip name.
+EXTRAS = {
+    "experiments": {"matplotlib": "matplotlib", "tqdm": "tqdm", "sklearn": "scikit-learn",
+                    "scipy": "scipy", "mnist1d": "mnist1d", "orbax.checkpoint": "orbax-checkpoint"},
+    "tensorboard": {"tensorboardX": "tensorboardX"},
+}
 
 DESCRIPTION = """\
 Put the seed articles' claims about batch normalization to a measured test.
 
-  python -m experiments                 every claim, quick mode (<= 15 min on 2 CPU cores)
+  python -m experiments [OPTIONS]       every claim, quick mode (~5 min on 2 CPU cores)
   python -m experiments list            the claims, one line each
-  python -m experiments run CLAIM...    some claims (--quick by default, or --full)
+  python -m experiments run CLAIM...    some claims (quick mode unless --full)
   python -m experiments plot DIR        remake the figures and report.md from DIR/results.json
   python -m experiments bench           jaxbn vs flax layer timings, HLO passes, collectives
+  python -m experiments readme          rewrite README's results from experiments/reference/
+
+The options below may stand before or after the command (`python -m experiments --full run
+convergence` = `python -m experiments run convergence --full`); `COMMAND --help` lists a
+command's own.
 
 Writes to --out (default results/<timestamp>/): report.md (verdict table, then a section per
 claim with its figure), <claim>.png, results.json (per claim: metric, values with and without
-BN, per-seed values, verdict, rule) and, per group of runs, <claim>/<arm>/config.json and
-metrics.jsonl. Verdict rule: mean ± 95% t-interval over seeds per arm; holds / does not hold
-if the intervals are apart, inconclusive if they overlap.
+BN, per-seed values, verdict, rule; in meta: command, commit, date, machine) and, per group of
+runs, <claim>/<arm>/config.json and metrics.jsonl. Verdict rule: mean ± 95% t-interval over
+seeds per arm; holds / does not hold if the intervals are apart, inconclusive if they overlap.
 """
 
 
-def _add_run_options(parser: argparse.ArgumentParser, *, suite: bool) -> None:
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and no prefix matching of option names."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+                         **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _dataset(text: str) -> str:
+    try:
+        data.check_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _coordinator(text: str) -> str:
+    host, _, port = text.rpartition(":")
+    if not (host and port.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return text
+
+
+def _add_suite_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a suite of claims: ``python -m experiments`` and ``run``."""
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", dest="full", action="store_false",
+    mode.add_argument("--quick", dest="full", action="store_false", default=False,
                       help="reduced sizes: 3 seeds, few hundred steps (default)")
-    mode.add_argument("--full", dest="full", action="store_true",
+    mode.add_argument("--full", dest="full", action="store_true", default=False,
                       help="full sizes: 5 seeds, thousands of steps, larger sweeps and data")
-    parser.set_defaults(full=False)
-    parser.add_argument("--seeds", type=int, default=None, metavar="N",
-                        help="number of seeds per arm (default 3 quick, 5 full; >= 3 for a "
-                             "meaningful interval)")
-    parser.add_argument("--dataset", default=None, metavar="NAME",
+    parser.add_argument("--seeds", type=_at_least(1), default=None, metavar="N",
+                        help="number of seeds per arm (default 3 quick, 5 full; >= 2 for an "
+                             "interval, >= 3 for a meaningful one)")
+    parser.add_argument("--dataset", type=_dataset, default=None, metavar="NAME",
                         help="digits | mnist1d[:N] | idx:DIR (MNIST/Fashion-MNIST IDX files, "
                              ".gz allowed); default mnist1d:4000 quick, mnist1d:10000 full")
-    parser.add_argument("--devices", type=int, default=None, metavar="N",
-                        help="host CPU devices (sets XLA_FLAGS before jax is imported); runs "
-                             "whose batch divides by N train data-parallel with shard_map and "
-                             "synchronized BN. The sync claim always uses 8.")
+    parser.add_argument("--devices", type=_at_least(1), default=1, metavar="N",
+                        help="devices (on CPU: host devices, made before jax starts; with "
+                             "--coordinator, per process); runs whose batch divides by the "
+                             "device count train data-parallel with shard_map and synchronized "
+                             "BN. The sync claim always uses 8 (on one process).")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output directory (default results/<timestamp>/)")
     parser.add_argument("--tensorboard", action="store_true",
-                        help="also write TensorBoard event files (needs tensorboardX: "
-                             "pip install 'jaxbn[tensorboard]')")
-    parser.add_argument("--budget", type=float, default=1.0, metavar="F",
-                        help="multiply every step count by F (e.g. 0.1 for a smoke test)")
+                        help="also write TensorBoard event files (needs the [tensorboard] extra)")
+    parser.add_argument("--budget", type=_budget, default=1.0, metavar="F",
+                        help="multiply every step count by F > 0 (e.g. 0.1 for a smoke test)")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bars")
     dist = parser.add_argument_group("multi-process (jax.distributed.initialize)")
-    dist.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+    dist.add_argument("--coordinator", type=_coordinator, default=None, metavar="HOST:PORT",
                       help="address of process 0; with it every process runs the same command")
-    dist.add_argument("--num-processes", type=int, default=None, metavar="N")
-    dist.add_argument("--process-id", type=int, default=None, metavar="I")
-    del suite
+    dist.add_argument("--num-processes", type=_at_least(1), default=None, metavar="N")
+    dist.add_argument("--process-id", type=_at_least(0), default=None, metavar="I")
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def _run_parser(parser: _Parser) -> None:
+    parser.description = "Run the named claims (or 'all') and write their report."
+    parser.add_argument("claims", nargs="+", metavar="CLAIM",
+                        help=f"claim ids, or 'all': {', '.join(CLAIM_IDS)}")
+    _add_suite_options(parser)
+
+
+def _plot_parser(parser: _Parser) -> None:
+    parser.description = "Remake the figures and report.md from DIR/results.json."
+    parser.add_argument("dir", metavar="DIR")
+
+
+def _readme_parser(parser: _Parser) -> None:
+    parser.description = (
+        "Rewrite README.md's results section from experiments/reference/*/results.json."
     )
-    _add_run_options(parser, suite=True)
-    sub = parser.add_subparsers(dest="command", metavar="{list,run,plot,bench}")
-    sub.add_parser("list", help="list the claims")
-    run = sub.add_parser(
-        "run",
-        help="run some claims",
-        description="Run the named claims and write their report.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    run.add_argument("claims", nargs="+", metavar="CLAIM",
-                     help=f"claim ids, or 'all': {', '.join(CLAIM_IDS)}")
-    _add_run_options(run, suite=False)
-    plot = sub.add_parser("plot", help="remake figures and report.md from DIR/results.json")
-    plot.add_argument("dir", metavar="DIR")
-    add_bench_arguments(
-        sub.add_parser("bench", help="benchmark the layer against flax and an elementwise proxy")
-    )
+    parser.add_argument("--check", action="store_true",
+                        help="change nothing; exit 1 if README differs from the rendering")
+
+
+_BUILDERS: dict[str, Callable[[_Parser], None]] = {
+    "list": lambda parser: None,
+    "run": _run_parser,
+    "plot": _plot_parser,
+    "bench": add_bench_arguments,  # experiments/bench owns its options
+    "readme": _readme_parser,
+}
+
+
+def command_parser(command: str) -> _Parser:
+    """The parser of one command's arguments."""
+    parser = _Parser(prog=f"python -m experiments {command}")
+    _BUILDERS[command](parser)
     return parser
 
 
-def _set_device_count(count: int | None) -> None:
-    if not count:
-        return
-    if "jax" in sys.modules:
-        import jax
-
-        if jax.device_count() < count:
-            raise RuntimeError(
-                f"Expected to set {count} host devices before jax is imported, but jax is "
-                f"already imported with {jax.device_count()}. Run from the command line or "
-                f"set XLA_FLAGS=--xla_force_host_platform_device_count={count} yourself."
-            )
-        return
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    flags.append(f"--xla_force_host_platform_device_count={count}")
-    os.environ["XLA_FLAGS"] = " ".join(flags)
+def make_parser() -> _Parser:
+    """The parser of the words before the command: the suite's options, then the command."""
+    parser = _Parser(prog="python -m experiments", description=DESCRIPTION,
+                     usage="python -m experiments [OPTIONS] [COMMAND [ARGUMENTS]]")
+    _add_suite_options(parser)
+    parser.add_argument("command", nargs="?", metavar="COMMAND",
+                        help=f"one of {', '.join(COMMANDS)} (default: every claim)")
+    parser.add_argument("arguments", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
 
 
-def list_claims() -> str:
-    from .claims import load_claim
+def parse_args(argv: list[str]) -> tuple[_Parser, argparse.Namespace]:
+    """The parser that read the command's arguments (for later errors) and the arguments,
+    with ``command`` (``"suite"`` when none is given), wherever the options stand. Exits with
+    status 2 and a one-line message for anything it cannot accept."""
+    parser = make_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"{' '.join(unknown)} is not an option before the command; only the "
+                     "options of --help may stand there")
+    if args.command is None:
+        args.command, args.claims = "suite", list(CLAIM_IDS)
+    elif args.command not in COMMANDS:
+        parser.error(f"expected a command in {COMMANDS}, got {args.command!r}")
+    else:
+        before = argv[: len(argv) - len(args.arguments) - 1]
+        command = args.command
+        parser = command_parser(command)
+        args = parser.parse_args([*before, *args.arguments])
+        args.command = command
+    if args.command in ("suite", "run"):
+        _check_suite_options(parser, args)
+    return parser, args
 
-    width = max(map(len, CLAIM_IDS))
-    return "\n".join(f"{c:<{width}}  {load_claim(c).CLAIM}" for c in CLAIM_IDS)
+
+def _check_suite_options(parser: _Parser, args: argparse.Namespace) -> None:
+    """The checks that involve more than one option, and the claim names."""
+    if args.claims == ["all"]:
+        args.claims = list(CLAIM_IDS)
+    unknown = [c for c in args.claims if c not in CLAIM_IDS]
+    if unknown:
+        parser.error(f"expected claims among {', '.join(CLAIM_IDS)} or 'all', got "
+                     f"{', '.join(unknown)}")
+    distributed = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in distributed) and any(v is None for v in distributed):
+        parser.error("expected --coordinator, --num-processes and --process-id together, got "
+                     + ", ".join(f"{name} {value}" for name, value in
+                                 zip(("--coordinator", "--num-processes", "--process-id"),
+                                     distributed, strict=True)))
+    if args.process_id is not None and args.process_id >= args.num_processes:
+        parser.error(f"expected --process-id < --num-processes {args.num_processes}, "
+                     f"got {args.process_id}")
 
 
-def run_claims(claim_ids: list[str], args: argparse.Namespace, command: str) -> str:
-    """Runs the claims, writes results.json and the report; returns the output directory."""
+def _require_extras(parser: _Parser, *extras: str) -> None:
+    """Exits in one line naming the extra to install if a module of one is missing."""
+    for extra in extras:
+        missing = [pip for module, pip in EXTRAS[extra].items()
+                   if importlib.util.find_spec(module) is None]
+        if missing:
+            parser.error(f"needs the [{extra}] extra, but {', '.join(missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} not installed: "
+                         f"pip install 'jaxbn[{extra}]' (in a checkout: pip install -e "
+                         f"'.[{extra}]')")
+
+
+def _use_cpu_devices(parser: _Parser, count: int) -> None:
+    """Makes ``count`` host CPU devices, or checks that jax, already started, has them."""
     import jax
 
-    from . import report
-    from .claims import Context, Settings, load_claim
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # the backend has started (jax used in this process already)
+        if jax.device_count() < count:
+            parser.error(f"expected {count} devices, but jax has already started with "
+                         f"{jax.device_count()}; run from a fresh process")
+
+
+def _run(parser: _Parser, args: argparse.Namespace, command: str) -> int:
+    """Runs the suite or some claims: every check, then the claims."""
+    from .claims import Context, Settings
+
+    extras = ("experiments", "tensorboard") if args.tensorboard else ("experiments",)
+    _require_extras(parser, *extras)
+    sync_here = "sync" in args.claims and not args.coordinator  # several processes: as given
+    needs = max(args.devices, SYNC_DEVICES) if sync_here else args.devices
+    if needs > 1:  # with --coordinator, each process's own devices
+        _use_cpu_devices(parser, needs)
+    import jax
 
     if args.coordinator:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts only
-        jax.distributed.initialize(
-            coordinator_address=args.coordinator,
-            num_processes=args.num_processes,
-            process_id=args.process_id,
-        )
+        jax.distributed.initialize(coordinator_address=args.coordinator,
+                                   num_processes=args.num_processes, process_id=args.process_id)
+    devices = jax.device_count() if args.coordinator else args.devices
+    if devices > jax.device_count():
+        parser.error(f"expected --devices <= the {jax.device_count()} devices jax sees, "
+                     f"got {devices}")
+    settings = Settings(quick=not args.full, seeds=args.seeds, dataset=args.dataset,
+                        tensorboard=args.tensorboard, budget=args.budget, devices=devices)
     out = args.out or os.path.join("results", time.strftime("%Y%m%d-%H%M%S"))
-    settings = Settings(
-        quick=not args.full,
-        seeds=args.seeds,
-        dataset=args.dataset,
-        tensorboard=args.tensorboard,
-        budget=args.budget,
-        devices=jax.device_count() if args.coordinator else (args.devices or 1),
-    )
     ctx = Context(settings=settings, out=out, show_progress=args.progress)
-    started = time.perf_counter()
-    entries: dict[str, Any] = {}
-    failed = False
-    bar = None
-    if args.progress and len(claim_ids) > 1:
-        from tqdm.auto import tqdm
+    try:
+        ctx.check(args.claims)
+    except ValueError as error:
+        parser.error(str(error))
+    from . import suite
 
-        bar = tqdm(total=len(claim_ids), desc="claims", unit="claim")
-    for claim_id in claim_ids:
-        if bar is not None:
-            bar.set_postfix_str(claim_id)
-        ctx.claim = claim_id
-        tic = time.perf_counter()
-        try:
-            entry = load_claim(claim_id).run(ctx)
-        except Exception:  # a failed claim is reported, the others still run
-            failed = True
-            entry = {"id": claim_id, "claim": load_claim(claim_id).CLAIM,
-                     "verdict": "inconclusive", "error": traceback.format_exc()}
-        entry["runtime_s"] = time.perf_counter() - tic
-        entries[claim_id] = entry
-        if jax.process_index() == 0:  # after every claim, so an interrupted suite keeps results
-            meta = {
-                "command": command,
-                "mode": "quick" if settings.quick else "full",
-                "seeds": len(settings.seed_list),
-                "dataset": settings.default_dataset(),
-                "device_count": jax.device_count(),
-                "process_count": jax.process_count(),
-                "jax_version": jax.__version__,
-                "runtime_s": time.perf_counter() - started,
-                "budget": settings.budget,
-                "complete": len(entries) == len(claim_ids),
-            }
-            report.write_results(out, entries, meta)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    if jax.process_index() == 0:
-        path = report.write_report(out)
-        print(report.verdict_table(report.load_results(out)))
-        print(f"\nreport: {path}")
-    if failed:
+    if not suite.run_suite(args.claims, ctx, command=command):
         raise SystemExit(f"some claims failed; see {out}/report.md")
-    return out
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = make_parser().parse_args(argv)
-    command = "python -m experiments " + shlex.join(argv)
+    parser, args = parse_args(argv)
     if args.command == "list":
-        print(list_claims())
+        from .claims import load_claim
+
+        width = max(map(len, CLAIM_IDS))
+        print("\n".join(f"{c:<{width}}  {load_claim(c).CLAIM}" for c in CLAIM_IDS))
         return 0
     if args.command == "bench":
+        _require_extras(parser, "experiments")
         return run_bench_from_args(args)
     if args.command == "plot":
+        if not os.path.isfile(os.path.join(args.dir, "results.json")):
+            parser.error(f"expected DIR/results.json, got DIR {args.dir!r} without one")
+        _require_extras(parser, "experiments")
         from . import report
 
         print(f"report: {report.write_report(args.dir)}")
         return 0
-    if args.command == "run":
-        claim_ids = list(CLAIM_IDS) if args.claims == ["all"] else args.claims
-        unknown = [c for c in claim_ids if c not in CLAIM_IDS]
-        if unknown:
-            make_parser().error(f"unknown claim(s) {unknown}; expected some of {CLAIM_IDS}")
-    else:
-        claim_ids = list(CLAIM_IDS)
-    devices = args.devices
-    if "sync" in claim_ids and not args.coordinator:
-        devices = max(devices or 1, SYNC_DEVICES)
-    _set_device_count(devices)
-    run_claims(claim_ids, args, command.strip())
-    return 0
+    if args.command == "readme":
+        from . import readme
+
+        return readme.main(check=args.check)
+    return _run(parser, args, "python -m experiments " + shlex.join(argv))
 
 
 if __name__ == "__main__":

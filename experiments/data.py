@@ -15,19 +15,23 @@ standardized with the training set's statistics:
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
 import struct
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DATASETS", "Dataset", "load", "read_idx", "write_idx"]
+__all__ = ["DATASETS", "Dataset", "check_name", "load", "read_idx", "write_idx"]
 
 DATASETS = {
     "digits": "scikit-learn's 8x8 handwritten digits (1,797 images), bundled",
     "mnist1d[:N]": "MNIST-1D generated locally with N samples (default 5000)",
     "idx:DIR": "MNIST / Fashion-MNIST IDX files (optionally .gz) in DIR",
 }
+MNIST1D_SAMPLES = 5000  # the default N of "mnist1d"
+MNIST1D_MIN = 100
+_IDX_STEMS = ("images-idx3-ubyte", "labels-idx1-ubyte")  # after "train-" / "t10k-"
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,34 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
 
+def check_name(name: str) -> tuple[str, str]:
+    """Checks that ``name`` names a dataset :func:`load` can load, without loading it (an IDX
+    directory must hold the four files); returns its kind and argument, e.g.
+    ``("mnist1d", "4000")``, ``("idx", DIR)`` or ``("digits", "")``.
+
+    Raises:
+      ValueError: for an unknown name, a bad sample count or a missing IDX file.
+    """
+    kind, _, argument = name.partition(":")
+    if kind == "digits" and name == "digits":
+        return kind, argument
+    if kind == "mnist1d":
+        if name != "mnist1d" and not (argument.isdigit() and int(argument) >= MNIST1D_MIN):
+            raise ValueError(
+                f"Expected `dataset` 'mnist1d' or 'mnist1d:N' with an integer N >= "
+                f"{MNIST1D_MIN} (80% train, 20% test), got {name!r}."
+            )
+        return kind, argument
+    if kind == "idx" and argument:
+        for prefix, stem in itertools.product(("train", "t10k"), _IDX_STEMS):
+            try:
+                _find(argument, f"{prefix}-{stem}")
+            except FileNotFoundError as error:
+                raise ValueError(str(error)) from None
+        return kind, argument
+    raise ValueError(f"Expected `dataset` to be one of {sorted(DATASETS)}, got {name!r}.")
+
+
 def load(name: str, *, train_size: int | None = None) -> Dataset:
     """Loads a dataset by name (see the module docstring).
 
@@ -55,19 +87,16 @@ def load(name: str, *, train_size: int | None = None) -> Dataset:
         are already shuffled), e.g. to study overfitting on a small training set.
 
     Raises:
-      ValueError: for an unknown name or a ``train_size`` larger than the training set.
+      ValueError: for a name :func:`check_name` rejects or a ``train_size`` larger than the
+        training set.
     """
-    if name == "digits":
+    kind, argument = check_name(name)
+    if kind == "digits":
         dataset = _digits()
-    elif name == "mnist1d" or name.startswith("mnist1d:"):
-        num_samples = int(name.split(":", 1)[1]) if ":" in name else 5000
-        dataset = _mnist1d(num_samples)
-    elif name.startswith("idx:"):
-        dataset = _idx(name.split(":", 1)[1])
+    elif kind == "mnist1d":
+        dataset = _mnist1d(int(argument or MNIST1D_SAMPLES))
     else:
-        raise ValueError(
-            f"Expected `dataset` to be one of {sorted(DATASETS)}, got {name!r}."
-        )
+        dataset = _idx(argument)
     if train_size is not None:
         if not 0 < train_size <= len(dataset.y_train):
             raise ValueError(
@@ -132,12 +161,8 @@ def _mnist1d(num_samples: int) -> Dataset:
 
 
 def _find(directory: str, stem: str) -> str:
-    for candidate in (stem, stem + ".gz"):
-        path = os.path.join(directory, candidate)
-        if os.path.exists(path):
-            return path
     alt = stem.replace("-idx", ".idx")  # some mirrors use train-images.idx3-ubyte
-    for candidate in (alt, alt + ".gz"):
+    for candidate in (stem, stem + ".gz", alt, alt + ".gz"):
         path = os.path.join(directory, candidate)
         if os.path.exists(path):
             return path
@@ -149,10 +174,7 @@ def _find(directory: str, stem: str) -> str:
 
 def _idx(directory: str) -> Dataset:
     arrays = {
-        split: (
-            read_idx(_find(directory, f"{prefix}-images-idx3-ubyte")),
-            read_idx(_find(directory, f"{prefix}-labels-idx1-ubyte")),
-        )
+        split: tuple(read_idx(_find(directory, f"{prefix}-{stem}")) for stem in _IDX_STEMS)
         for split, prefix in (("train", "train"), ("test", "t10k"))
     }
     (x_train, y_train), (x_test, y_test) = arrays["train"], arrays["test"]

@@ -5,6 +5,8 @@
 - ``none``: no normalization;
 - ``bn``: :class:`jaxbn.linen.BatchNorm` (batch statistics in training, running ones in eval,
   synchronized over ``axis_name`` when one is given);
+- ``flax-bn``: :class:`flax.linen.BatchNorm` itself, with the same options as ``bn`` (the
+  ``overhead`` claim times it against jaxbn);
 - ``layer``: :class:`flax.linen.LayerNorm`;
 - ``group``: :class:`flax.linen.GroupNorm` with the largest of 8, 4, 2 or 1 groups that
   divides the features;
@@ -42,8 +44,8 @@ __all__ = ["ACTIVATIONS", "BATCH_NORMS", "CNN", "GHOST_BATCH", "MLP", "NORMS",
            "BottleneckResNetBlock", "ResNet", "ResNet18", "ResNet50", "ResNetBlock", "ghost_size",
            "make_model"]
 
-NORMS = ("none", "bn", "layer", "group", "renorm", "ghost")
-BATCH_NORMS = ("bn", "renorm", "ghost")  # the norms with running statistics (batch_stats)
+NORMS = ("none", "bn", "flax-bn", "layer", "group", "renorm", "ghost")
+BATCH_NORMS = ("bn", "flax-bn", "renorm", "ghost")  # the norms with running statistics
 GHOST_BATCH = 8  # the largest ghost batch of ``ghost``
 RENORM_R_MAX = 3.0
 RENORM_D_MAX = 5.0
@@ -73,6 +75,12 @@ class Norm(nn.Module):
             return x
         if self.kind == "bn":
             return jaxbn.linen.BatchNorm(
+                use_running_average=not train,
+                momentum=self.bn_momentum,
+                axis_name=self.axis_name,
+            )(x)
+        if self.kind == "flax-bn":
+            return nn.BatchNorm(
                 use_running_average=not train,
                 momentum=self.bn_momentum,
                 axis_name=self.axis_name,

@@ -23,7 +23,7 @@ import math
 import os
 from typing import Any
 
-__all__ = ["load_results", "verdict_table", "write_report", "write_results"]
+__all__ = ["claim_table", "load_results", "verdict_table", "write_report", "write_results"]
 
 VERDICTS = ("holds", "does not hold", "inconclusive")
 
@@ -57,28 +57,34 @@ def _arm(arm: dict[str, Any] | None) -> str:
     return f"{_fmt(arm['mean'])} ± {_fmt(arm['ci95'], 2)}"
 
 
-def verdict_table(results: dict[str, Any]) -> str:
-    """The verdicts as a markdown table (also readable in a terminal)."""
+def verdict_table(results: dict[str, Any], *, runtime: bool = True) -> str:
+    """The verdicts as a markdown table (also readable in a terminal); a failed claim shows
+    the last line of its error."""
     lines = [
-        "| claim | verdict | metric | favoured arm | reference | runtime |",
-        "|---|---|---|---|---|---|",
+        "| claim | verdict | metric | favoured arm | reference |" + (" runtime |" * runtime),
+        "|---|---|---|---|---|" + "---|" * runtime,
     ]
     for claim_id, c in results["claims"].items():
         favoured = c.get("with_bn") or {}
         reference = c.get("without_bn") or {}
+        metric = c.get("metric") or "failed: " + c.get("error", "").strip().splitlines()[-1]
         lines.append(
-            f"| {claim_id} | **{c['verdict']}** | {c.get('metric', c.get('error', ''))} | "
+            f"| {claim_id} | **{c['verdict']}** | {metric} | "
             f"{favoured.get('label', '')}: {_arm(favoured)} | "
-            f"{reference.get('label', '')}: {_arm(reference)} | "
-            f"{_fmt(c.get('runtime_s'), 3)} s |"
+            f"{reference.get('label', '')}: {_arm(reference)} |"
+            + (f" {_fmt(c.get('runtime_s'), 3)} s |" if runtime else "")
         )
     return "\n".join(lines)
 
 
-def _claim_module(claim_id: str) -> Any:
+def claim_table(claim_id: str, entry: dict[str, Any]) -> str | None:
+    """The claim's own markdown table of ``entry`` (its ``report_table``), if it has one."""
     from .claims import CLAIM_IDS, load_claim
 
-    return load_claim(claim_id) if claim_id in CLAIM_IDS else None
+    if claim_id not in CLAIM_IDS or "error" in entry:
+        return None
+    table = getattr(load_claim(claim_id), "report_table", None)
+    return None if table is None else table(entry)
 
 
 def plot_claim(entry: dict[str, Any], path: str) -> None:
@@ -126,9 +132,9 @@ def write_report(out: str) -> str:
             lines.append(f"- Notes: {c['notes']}")
         runs = f"; runs in `{claim_id}/`" if os.path.isdir(os.path.join(out, claim_id)) else ""
         lines.append(f"- Runtime: {_fmt(c.get('runtime_s'), 3)} s{runs}.")
-        table = getattr(_claim_module(claim_id), "report_table", None)
+        table = claim_table(claim_id, c)
         if table is not None:
-            lines += ["", table(c)]
+            lines += ["", table]
         lines += ["", f"![{claim_id}]({png})"]
         sections.append("\n".join(lines))
     counts = {v: sum(c["verdict"] == v for c in results["claims"].values()) for v in VERDICTS}

@@ -13,7 +13,6 @@ running statistics, and the parameter gradients.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import jax
@@ -145,9 +144,9 @@ def main(port: int, process_id: int, out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    # Two host CPU devices in this process. XLA reads the flags when the backend starts (in
-    # jax.distributed.initialize / the first device query), not at import. Only when run as a
-    # script: test_multihost.py imports this module for make_problem and must not be affected.
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    os.environ["JAX_PLATFORMS"] = "cpu"
+    # Two host CPU devices in this process: the setting takes effect when the backend starts
+    # (in main, after jax.distributed.initialize). Only when run as a script: test_multihost.py
+    # imports this module for make_problem and must not be affected.
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", LOCAL_DEVICES)
     main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

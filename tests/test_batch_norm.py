@@ -1,9 +1,11 @@
-"""jaxbn.batch_norm against an independent float64 numpy reference (and flax, for accuracy)."""
+"""jaxbn.batch_norm against the float64 numpy reference (tests/_reference.py), and flax for
+accuracy."""
 
 from __future__ import annotations
 
 import functools
 
+import _reference as ref
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,94 +14,10 @@ import pytest
 
 import jaxbn
 
-EPS = 1e-5
-
 # Compiling one program per case is several times faster on CPU than running op by op; the
 # tests that need eager semantics (eval returns the very same state object) call
 # jaxbn.batch_norm directly.
 batch_norm = jax.jit(jaxbn.batch_norm, static_argnames=("training", "axis", "momentum", "epsilon"))
-
-
-# ----------------------------------------------------------------------------------------------
-# The float64 numpy reference: written from the formulas, sharing no code with jaxbn.
-# ----------------------------------------------------------------------------------------------
-
-
-def _feature_axes(ndim: int, axis: int | tuple[int, ...]) -> tuple[int, ...]:
-    axes = axis if isinstance(axis, tuple) else (axis,)
-    return tuple(sorted(a % ndim for a in axes))
-
-
-def _reduction_axes(ndim: int, axis: int | tuple[int, ...]) -> tuple[int, ...]:
-    feature_axes = _feature_axes(ndim, axis)
-    return tuple(a for a in range(ndim) if a not in feature_axes)
-
-
-def _feature_shape(shape: tuple[int, ...], axis: int | tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(shape[a] for a in _feature_axes(len(shape), axis))
-
-
-def _broadcast(v: np.ndarray, shape: tuple[int, ...], axis: int | tuple[int, ...]) -> np.ndarray:
-    """A feature-shaped array reshaped to broadcast against an input of `shape`."""
-    feature_axes = _feature_axes(len(shape), axis)
-    return np.reshape(v, [d if a in feature_axes else 1 for a, d in enumerate(shape)])
-
-
-def ref_moments(x, axis, mask=None):
-    """float64 batch mean and biased variance per feature, over the True entries of `mask`."""
-    x = np.asarray(x, np.float64)
-    red = _reduction_axes(x.ndim, axis)
-    m = np.ones(x.shape) if mask is None else np.broadcast_to(np.asarray(mask), x.shape) * 1.0
-    n = m.sum(axis=red)
-    mean = (x * m).sum(axis=red) / n
-    centered = x - _broadcast(mean, x.shape, axis)
-    var = (centered**2 * m).sum(axis=red) / n
-    return mean, var
-
-
-def ref_normalize(x, mean, var, axis, scale=None, bias=None, eps=EPS):
-    x = np.asarray(x, np.float64)
-    b = functools.partial(_broadcast, shape=x.shape, axis=axis)
-    y = (x - b(np.asarray(mean, np.float64))) / np.sqrt(b(np.asarray(var, np.float64)) + eps)
-    if scale is not None:
-        y = y * b(np.asarray(scale, np.float64))
-    if bias is not None:
-        y = y + b(np.asarray(bias, np.float64))
-    return y
-
-
-def ref_train(x, axis, scale=None, bias=None, mask=None, eps=EPS):
-    mean, var = ref_moments(x, axis, mask)
-    return ref_normalize(x, mean, var, axis, scale, bias, eps), mean, var
-
-
-def ref_grads(x, dy, axis, scale, mask=None, eps=EPS):
-    """The analytic batch-norm gradient of sum(dy * y) w.r.t. x, scale and bias, in float64.
-
-    μ and σ² = var + eps depend only on the valid entries (m = 1), but every entry is
-    normalized with them, so for entry i (n = number of valid entries)::
-
-        dx_i = scale/σ · (dy_i − m_i · Σ dy / n − m_i · x̂_i · Σ dy·x̂ / n)
-
-    which is the textbook ``scale/σ · (dy − mean(dy) − x̂·mean(dy·x̂))`` without a mask, and
-    the direct path ``dy · scale/σ`` alone for a masked-out entry.
-    """
-    x = np.asarray(x, np.float64)
-    dy = np.asarray(dy, np.float64)
-    red = _reduction_axes(x.ndim, axis)
-    m = np.ones(x.shape) if mask is None else np.broadcast_to(np.asarray(mask), x.shape) * 1.0
-    mean, var = ref_moments(x, axis, mask)
-    b = functools.partial(_broadcast, shape=x.shape, axis=axis)
-    sigma = np.sqrt(var + eps)
-    x_hat = (x - b(mean)) / b(sigma)
-    n = b(m.sum(axis=red))
-    sum_dy = b(dy.sum(axis=red))
-    sum_dy_xhat = b((dy * x_hat).sum(axis=red))
-    scale = np.asarray(scale, np.float64)
-    dx = b(scale / sigma) * (dy - m * sum_dy / n - m * x_hat * sum_dy_xhat / n)
-    dscale = (dy * x_hat).sum(axis=red)
-    dbias = dy.sum(axis=red)
-    return dx, dscale, dbias
 
 
 def _random_params(rng, feature_shape):
@@ -110,9 +28,9 @@ def _random_params(rng, feature_shape):
 
 def _data(rng, shape, axis, loc_scale=3.0):
     """float32 data whose per-feature mean and std differ (so a wrong axis shows)."""
-    feature_shape = _feature_shape(shape, axis)
-    loc = _broadcast(rng.normal(size=feature_shape) * loc_scale, shape, axis)
-    std = _broadcast(0.5 + 2 * rng.random(feature_shape), shape, axis)
+    feature_shape = ref.feature_shape(shape, axis)
+    loc = ref.to_input(rng.normal(size=feature_shape) * loc_scale, shape, axis)
+    std = ref.to_input(0.5 + 2 * rng.random(feature_shape), shape, axis)
     return (loc + std * rng.normal(size=shape)).astype(np.float32)
 
 
@@ -152,13 +70,13 @@ def test_training_matches_float64_reference(shape, axis):
     # momentum=0.0 makes the new running statistics the batch statistics themselves.
     rng = np.random.default_rng(0)
     x = _data(rng, shape, axis)
-    feature_shape = _feature_shape(shape, axis)
+    feature_shape = ref.feature_shape(shape, axis)
     scale, bias = _random_params(rng, feature_shape)
     _, state = jaxbn.init(feature_shape)
     y, new = batch_norm(
         x, {"scale": scale, "bias": bias}, state, training=True, axis=axis, momentum=0.0
     )
-    expected, mean, var = ref_train(x, axis, scale, bias)
+    expected, mean, var = ref.batch_norm(x, axis, scale, bias)
     assert y.shape == x.shape and y.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=2e-5)
     np.testing.assert_allclose(np.asarray(new.mean), mean, rtol=1e-6, atol=1e-6)
@@ -190,7 +108,7 @@ def test_partial_or_missing_affine_params(which):
         }
     use = params or {}
     y, _ = batch_norm(x, params, state, training=True)
-    expected, _, _ = ref_train(x, -1, use.get("scale"), use.get("bias"))
+    expected, _, _ = ref.batch_norm(x, -1, use.get("scale"), use.get("bias"))
     np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=2e-5)
 
 
@@ -221,9 +139,9 @@ def test_gradients_match_analytic_formula(shape, axis):
     rng = np.random.default_rng(3)
     x = _data(rng, shape, axis)
     dy = rng.normal(size=shape).astype(np.float32)
-    scale, bias = _random_params(rng, _feature_shape(shape, axis))
+    scale, bias = _random_params(rng, ref.feature_shape(shape, axis))
     got = _grads(x, dy, scale, bias, axis)
-    _assert_grads_close(got, ref_grads(x, dy, axis, scale))
+    _assert_grads_close(got, ref.grads(x, dy, axis, scale))
 
 
 @pytest.mark.parametrize(
@@ -241,7 +159,7 @@ def test_gradients_with_mask_match_analytic_formula(shape, mask_shape):
     scale, bias = _random_params(rng, (shape[-1],))
     mask = _random_mask(rng, mask_shape)
     got = _grads(x, dy, scale, bias, -1, jnp.asarray(mask))
-    expected = ref_grads(x, dy, -1, scale, mask)
+    expected = ref.grads(x, dy, -1, scale, mask)
     _assert_grads_close(got, expected)
 
 
@@ -255,8 +173,8 @@ def test_masked_out_entries_get_only_the_direct_gradient():
     mask = np.ones((20, 1), bool)
     mask[15:] = False
     dx, _, _ = _grads(x, dy, scale, bias, -1, jnp.asarray(mask))
-    _, var = ref_moments(x, -1, mask)
-    direct = dy[15:] * scale / np.sqrt(var + EPS)
+    _, var, _ = ref.moments(x, -1, mask)
+    direct = dy[15:] * scale / np.sqrt(var + ref.EPS)
     np.testing.assert_allclose(np.asarray(dx)[15:], direct, rtol=1e-5, atol=1e-6)
 
 
@@ -273,9 +191,8 @@ def test_ema_update_over_several_steps(momentum):
     for _ in range(5):
         x = _data(rng, (16, 4), -1)
         _, state = batch_norm(x, None, state, training=True, momentum=momentum)
-        batch_mean, batch_var = ref_moments(x, -1)  # biased variance
-        mean = momentum * mean + (1 - momentum) * batch_mean
-        var = momentum * var + (1 - momentum) * batch_var
+        batch_mean, batch_var, _ = ref.moments(x, -1)  # biased variance
+        mean, var = ref.ema(mean, batch_mean, momentum), ref.ema(var, batch_var, momentum)
         np.testing.assert_allclose(np.asarray(state.mean), mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(np.asarray(state.var), var, rtol=1e-5, atol=1e-6)
 
@@ -298,7 +215,7 @@ def test_cumulative_average_with_momentum_none():
     for size in (8, 20, 5, 13):
         x = _data(rng, (size, 3), -1)
         _, state = batch_norm(x, None, state, training=True, momentum=None)
-        m, v = ref_moments(x, -1)
+        m, v, _ = ref.moments(x, -1)
         means.append(m)
         variances.append(v)
         np.testing.assert_allclose(np.asarray(state.mean), np.mean(means, 0), rtol=1e-5)
@@ -324,11 +241,11 @@ def test_count_increments_once_per_training_step(momentum):
 def test_eval_uses_running_statistics(shape, axis):
     rng = np.random.default_rng(9)
     x = _data(rng, shape, axis)
-    feature_shape = _feature_shape(shape, axis)
+    feature_shape = ref.feature_shape(shape, axis)
     scale, bias = _random_params(rng, feature_shape)
     state = _state(rng, feature_shape)
     y, _ = batch_norm(x, {"scale": scale, "bias": bias}, state, training=False, axis=axis)
-    expected = ref_normalize(x, state.mean, state.var, axis, scale, bias)
+    expected = ref.normalize(x, state.mean, state.var, axis, scale, bias)
     np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -345,7 +262,7 @@ def test_eval_ignores_mask():
     state = _state(rng, (3,))
     mask = _random_mask(rng, (10, 1))
     y_masked, _ = batch_norm(x, None, state, training=False, mask=mask)
-    expected = ref_normalize(x, state.mean, state.var, -1)
+    expected = ref.normalize(x, state.mean, state.var, -1)
     np.testing.assert_allclose(np.asarray(y_masked), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -382,7 +299,7 @@ def test_mask_statistics_count_only_true_entries(shape, mask_shape):
     y, new = batch_norm(
         x, {"scale": scale, "bias": bias}, state, training=True, momentum=0.0, mask=mask
     )
-    expected, mean, var = ref_train(x, -1, scale, bias, mask)
+    expected, mean, var = ref.batch_norm(x, -1, scale, bias, mask)
     valid = np.broadcast_to(mask, shape)
     np.testing.assert_allclose(np.asarray(new.mean), mean, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(new.var), var, rtol=1e-4)
@@ -401,17 +318,12 @@ def test_feature_with_every_entry_masked_keeps_its_running_statistics():
     assert np.all(np.isfinite(np.asarray(y)))
     _assert_bits_equal(new.mean[1], state.mean[1])
     _assert_bits_equal(new.var[1], state.var[1])
-    batch_mean, batch_var = ref_moments(x[:, [0, 2]], -1)
-    np.testing.assert_allclose(
-        np.asarray(new.mean)[[0, 2]],
-        0.9 * np.asarray(state.mean)[[0, 2]] + 0.1 * batch_mean,
-        rtol=1e-5,
-    )
-    np.testing.assert_allclose(
-        np.asarray(new.var)[[0, 2]],
-        0.9 * np.asarray(state.var)[[0, 2]] + 0.1 * batch_var,
-        rtol=1e-5,
-    )
+    kept = [0, 2]
+    batch_mean, batch_var, _ = ref.moments(x[:, kept], -1)
+    for got, old, batch in ((new.mean, state.mean, batch_mean), (new.var, state.var, batch_var)):
+        np.testing.assert_allclose(
+            np.asarray(got)[kept], ref.ema(np.asarray(old)[kept], batch, 0.9), rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("momentum", [0.9, None])
@@ -457,7 +369,7 @@ def test_cumulative_average_skips_a_fully_masked_batch():
     )
     x3 = _data(rng, (10, 3), -1)
     _, state = batch_norm(x3, None, state, training=True, momentum=None)
-    expected = (ref_moments(x1, -1)[0] + ref_moments(x3, -1)[0]) / 2
+    expected = (ref.moments(x1, -1)[0] + ref.moments(x3, -1)[0]) / 2
     np.testing.assert_allclose(np.asarray(state.mean), expected, rtol=1e-5)
 
 
@@ -479,7 +391,7 @@ def _flax_batch_variance(x: np.ndarray) -> np.ndarray:
 def test_variance_accurate_when_mean_is_large(shape):
     rng = np.random.default_rng(17)
     x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
-    _, true_var = ref_moments(x, -1)  # float64 on the very same float32 values
+    _, true_var, _ = ref.moments(x, -1)  # float64 on the very same float32 values
     _, state = jaxbn.init(8)
     _, new = batch_norm(x, None, state, training=True, momentum=0.0)
     jaxbn_error = np.max(np.abs(np.asarray(new.var, np.float64) - true_var) / true_var)
@@ -512,12 +424,12 @@ def test_low_precision_input(dtype, tol, training):
     assert jax.tree.map(jax.typeof, new) == jax.tree.map(jax.typeof, state)
     x64 = np.asarray(x.astype(jnp.float32), np.float64)  # the values jaxbn actually received
     if training:
-        expected, mean, var = ref_train(x64, -1, scale, bias)
+        expected, mean, var = ref.batch_norm(x64, -1, scale, bias)
         # Statistics in float32: far tighter than a float16/bfloat16 reduction could be.
         np.testing.assert_allclose(np.asarray(new.mean), mean, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(np.asarray(new.var), var, rtol=1e-5)
     else:
-        expected = ref_normalize(x64, state.mean, state.var, -1, scale, bias)
+        expected = ref.normalize(x64, state.mean, state.var, -1, scale, bias)
     # Only the final rounding to `dtype` separates y from the exact value.
     np.testing.assert_allclose(np.asarray(y.astype(jnp.float32)), expected, rtol=tol, atol=tol)
 
@@ -535,7 +447,7 @@ def test_low_precision_gradients_match_float64(dtype, offset, masked):
     mask = _random_mask(rng, (64, 1)) if masked else None
     got = _grads(x, dy, scale, bias, -1, None if mask is None else jnp.asarray(mask))
     x64, dy64 = (np.asarray(v.astype(jnp.float32), np.float64) for v in (x, dy))
-    dx, dscale, dbias = ref_grads(x64, dy64, -1, scale, mask)
+    dx, dscale, dbias = ref.grads(x64, dy64, -1, scale, mask)
     assert got[0].dtype == dtype and got[1].dtype == got[2].dtype == jnp.float32
     # The scale and bias gradients are float32 sums of the exact input values.
     for g, e in ((got[1], dscale), (got[2], dbias)):
@@ -561,7 +473,7 @@ def test_low_precision_synchronized_statistics_under_vmap():
         )
     )(x)
     x64 = np.asarray(x.astype(jnp.float32), np.float64)
-    expected, mean, var = ref_train(x64.reshape(-1, 3), -1)
+    expected, mean, var = ref.batch_norm(x64.reshape(-1, 3), -1)
     np.testing.assert_allclose(np.asarray(new.mean[0]), mean, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.asarray(new.var[0]), var, rtol=1e-5)
     np.testing.assert_allclose(
@@ -576,7 +488,7 @@ def test_float64_input_with_float64_state():
         params, state = jaxbn.init(3, jnp.float64)
         y, new = batch_norm(jnp.asarray(x_np), params, state, training=True, momentum=0.0)
         assert y.dtype == jnp.float64 and new.mean.dtype == jnp.float64
-        expected, _, var = ref_train(x_np, -1)
+        expected, _, var = ref.batch_norm(x_np, -1)
         np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(np.asarray(new.var), var, rtol=1e-12)
 
@@ -591,7 +503,7 @@ def test_float64_input_keeps_a_float32_state():
         y, new = batch_norm(jnp.asarray(x_np), params, state, training=True, momentum=0.0)
         assert y.dtype == jnp.float64
         assert jax.tree.map(jax.typeof, new) == jax.tree.map(jax.typeof, state)
-        _, _, var = ref_train(x_np, -1)
+        _, _, var = ref.batch_norm(x_np, -1)
         np.testing.assert_allclose(np.asarray(new.var), var, rtol=1e-6)
 
 
@@ -677,10 +589,10 @@ def test_jit_matches_reference(training):
     )
     y, new = step(x, {"scale": scale, "bias": bias}, state, training=training)
     if training:
-        expected, _, var = ref_train(x, 1, scale, bias)
+        expected, _, var = ref.batch_norm(x, 1, scale, bias)
         np.testing.assert_allclose(np.asarray(new.var), var, rtol=1e-5)
     else:
-        expected = ref_normalize(x, state.mean, state.var, 1, scale, bias)
+        expected = ref.normalize(x, state.mean, state.var, 1, scale, bias)
     np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=2e-5)
 
 
@@ -711,7 +623,7 @@ def test_vmap_normalizes_each_slice_independently():
         )
     )(x)
     for i in range(3):
-        expected, mean, var = ref_train(x[i], -1, scale, bias)
+        expected, mean, var = ref.batch_norm(x[i], -1, scale, bias)
         np.testing.assert_allclose(np.asarray(y[i]), expected, rtol=1e-5, atol=2e-5)
         np.testing.assert_allclose(np.asarray(new.mean[i]), 0.1 * mean, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(np.asarray(new.var[i]), 0.9 + 0.1 * var, rtol=1e-5)
@@ -730,7 +642,7 @@ def test_scan_with_the_state_as_carry():
     state, ys = jax.lax.scan(body, state0, xs)
     mean, var = np.zeros(3), np.ones(3)
     for i in range(5):
-        expected, batch_mean, batch_var = ref_train(xs[i], -1)
+        expected, batch_mean, batch_var = ref.batch_norm(xs[i], -1)
         np.testing.assert_allclose(np.asarray(ys[i]), expected, rtol=1e-5, atol=2e-5)
         mean = 0.8 * mean + 0.2 * batch_mean
         var = 0.8 * var + 0.2 * batch_var
@@ -807,7 +719,7 @@ def test_gradients_in_both_conditioning_regimes(offset):
     dy = rng.normal(size=x.shape).astype(np.float32)
     scale, bias = _random_params(rng, (4,))
     got = _grads(x, dy, scale, bias, -1)
-    expected = ref_grads(np.asarray(x, np.float64), dy, -1, scale)
+    expected = ref.grads(np.asarray(x, np.float64), dy, -1, scale)
     tol = 1e-4 if offset < 100 else 2e-3  # float32 x itself carries 6e-5 absolute at 1e3
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(np.asarray(g), e, rtol=tol, atol=tol)

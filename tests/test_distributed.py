@@ -1,6 +1,6 @@
 """Cross-device batch norm on 8 host CPU devices equals batch norm on the concatenated batch.
 
-The truth is an independent float64 numpy implementation (outputs, running statistics and the
+The truth is the float64 reference of tests/_reference.py (outputs, running statistics and the
 analytic gradient of a linear loss), evaluated over the valid rows of the whole global batch
 (or of each group with ``axis_index_groups``). The same problem runs under ``jax.shard_map``
 (1-D and 2-D meshes), ``jax.pmap``, ``jax.vmap(axis_name=...)`` and sharded ``jax.jit``
@@ -10,10 +10,10 @@ and the number of collectives in the compiled HLO.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import NamedTuple
 
+import _reference as ref
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxbn
+from experiments.hlo import count_collectives
 
 DEVICES = 8
 ROWS = 8  # rows per device
@@ -80,48 +81,22 @@ def make_problem(mask_kind: str, seed: int = 0) -> Problem:
     )
 
 
-class Reference(NamedTuple):
-    y: np.ndarray
-    mean: np.ndarray  # new running mean
-    var: np.ndarray  # new running variance
-    dx: np.ndarray
-    dscale: np.ndarray
-    dbias: np.ndarray
-
-
-def reference_bn(p: Problem, rows: slice = slice(None)) -> Reference:
-    """Float64 batch norm over ``rows`` of the problem, statistics over the valid rows only.
-
-    The gradient is the closed form for ``L = sum(y * g)``: every row's output depends on the
-    batch mean and variance, but only valid rows feed them::
-
-        dx_i = scale/σ · g_i + [i valid] · (dL/dμ + dL/dσ² · 2 (x_i - μ)) / n
-        dL/dμ = -scale/σ · Σ_j g_j,   dL/dσ² = -scale/(2σ³) · Σ_j g_j (x_j - μ)
-    """
-    x = p.x[rows].astype(np.float64)
-    g = p.cotangent[rows].astype(np.float64)
-    valid = p.valid[rows]
-    scale, bias = p.scale.astype(np.float64), p.bias.astype(np.float64)
-    n = valid.sum()
-    mu = x[valid].mean(0)
-    var = x[valid].var(0)
-    sigma = np.sqrt(var + EPSILON)
-    xhat = (x - mu) / sigma
-    y = scale * xhat + bias
-    d_mu = -scale / sigma * g.sum(0)
-    d_var = -0.5 * scale / sigma**3 * (g * (x - mu)).sum(0)
-    dx = scale / sigma * g + valid[:, None] * (d_mu + 2 * d_var * (x - mu)) / n
-    return Reference(
-        y=y,
-        mean=MOMENTUM * p.mean0 + (1 - MOMENTUM) * mu,
-        var=MOMENTUM * p.var0 + (1 - MOMENTUM) * var,
-        dx=dx,
-        dscale=(g * xhat).sum(0),
-        dbias=g.sum(0),
+def reference_bn(p: Problem, rows: slice = slice(None)) -> ref.TrainStep:
+    """The float64 reference over ``rows`` of the problem, statistics over the valid rows."""
+    return ref.train_step(
+        p.x[rows],
+        p.cotangent[rows],
+        scale=p.scale,
+        bias=p.bias,
+        running_mean=p.mean0,
+        running_var=p.var0,
+        momentum=MOMENTUM,
+        mask=p.valid[rows, None],
+        eps=EPSILON,
     )
 
 
-def grouped_reference(p: Problem, groups: list[list[int]] | None) -> Reference:
+def grouped_reference(p: Problem, groups: list[list[int]] | None) -> ref.TrainStep:
     """The reference when each group of devices normalizes its own concatenated batch."""
     if groups is None:
         return reference_bn(p)
@@ -130,7 +105,7 @@ def grouped_reference(p: Problem, groups: list[list[int]] | None) -> Reference:
         assert group == list(range(group[0], group[-1] + 1)), "contiguous groups only"
         parts.append(reference_bn(p, slice(group[0] * ROWS, (group[-1] + 1) * ROWS)))
     per_row = lambda field: np.concatenate([getattr(r, field) for r in parts])  # noqa: E731
-    return Reference(
+    return ref.TrainStep(
         y=per_row("y"),
         mean=np.stack([r.mean for r in parts]),
         var=np.stack([r.var for r in parts]),
@@ -161,6 +136,22 @@ def _mesh(shape: tuple[int, ...], names: tuple[str, ...], axis_type=AxisType.Exp
     return jax.make_mesh(shape, names, axis_types=(axis_type,) * len(names))
 
 
+def _placer(mesh, batch_spec):
+    """Places x and mask split over the batch by ``batch_spec``, params and state replicated."""
+
+    def place(x, params, state, mask):
+        batch = NamedSharding(mesh, batch_spec)
+        replicated = NamedSharding(mesh, P())
+        return (
+            jax.device_put(x, batch),
+            jax.device_put(params, replicated),
+            jax.device_put(state, replicated),
+            None if mask is None else jax.device_put(mask, batch),
+        )
+
+    return place
+
+
 def _shard_map_runner(mesh, batch_axes, axis_name, groups=None, check_vma=True):
     # check_vma=True is JAX's default; with False, JAX inserts no implicit psum/pvary, so the
     # gradient must come from the collectives jaxbn itself emits (and their transposes).
@@ -180,17 +171,7 @@ def _shard_map_runner(mesh, batch_axes, axis_name, groups=None, check_vma=True):
             check_vma=check_vma,
         )(x, params, state, mask)
 
-    def place(x, params, state, mask):
-        batch = NamedSharding(mesh, spec)
-        replicated = NamedSharding(mesh, P())
-        return (
-            jax.device_put(x, batch),
-            jax.device_put(params, replicated),
-            jax.device_put(state, replicated),
-            None if mask is None else jax.device_put(mask, batch),
-        )
-
-    return run, place
+    return run, _placer(mesh, spec)
 
 
 def _unplaced(x, params, state, mask):
@@ -265,17 +246,7 @@ def _sharded_jit_runner(axis_type):
         y, new_state = _bn(x, params, state, mask)  # no axis_name: XLA inserts the reductions
         return y, _stacked(new_state)
 
-    def place(x, params, state, mask):
-        batch = NamedSharding(mesh, P("batch"))
-        replicated = NamedSharding(mesh, P())
-        return (
-            jax.device_put(x, batch),
-            jax.device_put(params, replicated),
-            jax.device_put(state, replicated),
-            None if mask is None else jax.device_put(mask, batch),
-        )
-
-    return run, place
+    return run, _placer(mesh, P("batch"))
 
 
 RUNNERS: dict[str, Callable[[], tuple[Callable, Callable]]] = {
@@ -321,25 +292,27 @@ def run_with_grads(
     return y, states, dx, dparams
 
 
-def assert_matches(y, states, dx, dparams, ref: Reference, replicas_per_state: int | None = None):
+def assert_matches(
+    y, states, dx, dparams, expected: ref.TrainStep, replicas_per_state: int | None = None
+):
     """Compares everything with the reference; states are [replicas, C] (or per group)."""
-    np.testing.assert_allclose(np.asarray(y), ref.y, atol=ATOL, rtol=0, err_msg="output")
+    np.testing.assert_allclose(np.asarray(y), expected.y, atol=ATOL, rtol=0, err_msg="output")
     mean, var = np.asarray(states.mean), np.asarray(states.var)
-    if ref.mean.ndim == 1:
-        expected_mean = np.broadcast_to(ref.mean, mean.shape)
-        expected_var = np.broadcast_to(ref.var, var.shape)
+    if expected.mean.ndim == 1:
+        expected_mean = np.broadcast_to(expected.mean, mean.shape)
+        expected_var = np.broadcast_to(expected.var, var.shape)
     else:  # one row per group, repeated for each device of the group
-        expected_mean = np.repeat(ref.mean, replicas_per_state, axis=0)
-        expected_var = np.repeat(ref.var, replicas_per_state, axis=0)
+        expected_mean = np.repeat(expected.mean, replicas_per_state, axis=0)
+        expected_var = np.repeat(expected.var, replicas_per_state, axis=0)
     np.testing.assert_allclose(mean, expected_mean, atol=ATOL, rtol=0, err_msg="running mean")
     np.testing.assert_allclose(var, expected_var, atol=ATOL, rtol=0, err_msg="running var")
     np.testing.assert_array_equal(np.asarray(states.count), 1, err_msg="count")
-    np.testing.assert_allclose(np.asarray(dx), ref.dx, atol=GRAD_ATOL, rtol=0, err_msg="dx")
+    np.testing.assert_allclose(np.asarray(dx), expected.dx, atol=GRAD_ATOL, rtol=0, err_msg="dx")
     np.testing.assert_allclose(
-        np.asarray(dparams["scale"]), ref.dscale, atol=GRAD_ATOL, rtol=1e-5, err_msg="dscale"
+        np.asarray(dparams["scale"]), expected.dscale, atol=GRAD_ATOL, rtol=1e-5, err_msg="dscale"
     )
     np.testing.assert_allclose(
-        np.asarray(dparams["bias"]), ref.dbias, atol=GRAD_ATOL, rtol=1e-5, err_msg="dbias"
+        np.asarray(dparams["bias"]), expected.dbias, atol=GRAD_ATOL, rtol=1e-5, err_msg="dbias"
     )
 
 
@@ -348,25 +321,6 @@ def assert_matches(y, states, dx, dparams, ref: Reference, replicas_per_state: i
 
 def test_eight_host_devices():
     assert jax.device_count() == DEVICES, jax.devices()
-
-
-def test_reference_gradient_matches_finite_differences():
-    """The closed-form float64 gradient the other tests rely on, against central differences."""
-    p = make_problem("empty")
-    ref = reference_bn(p)
-    loss = lambda q: float((reference_bn(q).y * p.cotangent).sum())  # noqa: E731
-    step = 1e-4
-    for i, j in [(0, 0), (9, 3), (17, 5), (63, 2), (12, 1)]:  # rows 9 and 12 are masked out
-        xp, xm = p.x.astype(np.float64), p.x.astype(np.float64)  # astype copies
-        xp[i, j] += step
-        xm[i, j] -= step
-        numeric = (loss(p._replace(x=xp)) - loss(p._replace(x=xm))) / (2 * step)
-        assert abs(numeric - ref.dx[i, j]) < 1e-6 * max(1.0, abs(numeric)), (i, j)
-    sp, sm = p.scale.astype(np.float64), p.scale.astype(np.float64)
-    sp[1] += step
-    sm[1] -= step
-    numeric = (loss(p._replace(scale=sp)) - loss(p._replace(scale=sm))) / (2 * step)
-    assert abs(numeric - ref.dscale[1]) < 1e-6 * max(1.0, abs(numeric))
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "empty"])
@@ -437,20 +391,18 @@ def test_bfloat16_under_shard_map(mask_kind):
     p = p._replace(x=bf16(p.x), cotangent=bf16(p.cotangent))
     run, place = _shard_map_runner(_mesh((DEVICES,), ("batch",)), "batch", "batch")
     y, states, dx, dparams = run_with_grads(run, place, p, mask_kind, dtype=jnp.bfloat16)
-    ref = reference_bn(p)
+    truth = reference_bn(p)
     assert y.dtype == dx.dtype == jnp.bfloat16
     # Outputs and dx are float32 results rounded once to bfloat16 (8 significant bits).
-    np.testing.assert_allclose(np.asarray(y, np.float32), ref.y, rtol=8e-3, atol=8e-3)
+    np.testing.assert_allclose(np.asarray(y, np.float32), truth.y, rtol=8e-3, atol=8e-3)
     np.testing.assert_allclose(
-        np.asarray(dx, np.float32), ref.dx, rtol=8e-3, atol=8e-3 * np.max(np.abs(ref.dx))
+        np.asarray(dx, np.float32), truth.dx, rtol=8e-3, atol=8e-3 * np.max(np.abs(truth.dx))
     )
     # Statistics and parameter gradients are float32 sums of exact values.
-    for got, expected in ((states.mean, ref.mean), (states.var, ref.var)):
-        np.testing.assert_allclose(
-            np.asarray(got), np.broadcast_to(expected, got.shape), atol=ATOL, rtol=0
-        )
-    np.testing.assert_allclose(np.asarray(dparams["scale"]), ref.dscale, atol=GRAD_ATOL, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(dparams["bias"]), ref.dbias, atol=GRAD_ATOL, rtol=1e-5)
+    for got, want in ((states.mean, truth.mean), (states.var, truth.var)):
+        np.testing.assert_allclose(np.asarray(got), np.broadcast_to(want, got.shape), atol=ATOL)
+    for name, want in (("scale", truth.dscale), ("bias", truth.dbias)):
+        np.testing.assert_allclose(np.asarray(dparams[name]), want, atol=GRAD_ATOL, rtol=1e-5)
 
 
 def test_shard_map_replicated_state_out_spec_with_default_check_vma():
@@ -477,10 +429,10 @@ def test_shard_map_replicated_state_out_spec_with_default_check_vma():
         )
     )
     y, new_state = step(x, params, state, mask)
-    ref = reference_bn(p)
-    np.testing.assert_allclose(np.asarray(y), ref.y, atol=ATOL, rtol=0)
-    np.testing.assert_allclose(np.asarray(new_state.mean), ref.mean, atol=ATOL, rtol=0)
-    np.testing.assert_allclose(np.asarray(new_state.var), ref.var, atol=ATOL, rtol=0)
+    expected = reference_bn(p)
+    np.testing.assert_allclose(np.asarray(y), expected.y, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(np.asarray(new_state.mean), expected.mean, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(np.asarray(new_state.var), expected.var, atol=ATOL, rtol=0)
 
 
 # --------------------------------------------------------------------------- vs flax
@@ -524,17 +476,17 @@ def test_uneven_masks_weight_devices_by_count_unlike_flax():
     as much as one with 8; the true global statistics weight each device by its valid count.
     """
     p = make_problem("uneven")
-    ref = reference_bn(p)
+    expected = reference_bn(p)
     mesh = _mesh((DEVICES,), ("batch",))
     run, place = _shard_map_runner(mesh, "batch", "batch")
     y, states, _, _ = run_with_grads(run, place, p, "uneven")
-    jaxbn_error = float(np.max(np.abs(np.asarray(y) - ref.y)))
-    jaxbn_mean_error = float(np.max(np.abs(np.asarray(states.mean) - ref.mean)))
+    jaxbn_error = float(np.max(np.abs(np.asarray(y) - expected.y)))
+    jaxbn_mean_error = float(np.max(np.abs(np.asarray(states.mean) - expected.mean)))
 
     flax_fn, flax_args = _flax_shard_map(p, mesh)
     flax_y, flax_stats = flax_fn(*flax_args)
-    flax_error = float(np.max(np.abs(np.asarray(flax_y) - ref.y)))
-    flax_mean_error = float(np.max(np.abs(np.asarray(flax_stats["mean"]) - ref.mean)))
+    flax_error = float(np.max(np.abs(np.asarray(flax_y) - expected.y)))
+    flax_mean_error = float(np.max(np.abs(np.asarray(flax_stats["mean"]) - expected.mean)))
 
     report = (
         f"uneven masks (valid rows per device {MASKS['uneven']}), max |y - y_float64|: "
@@ -547,58 +499,21 @@ def test_uneven_masks_weight_devices_by_count_unlike_flax():
     assert flax_error > 0.05, report
 
 
-def test_flax_on_fully_masked_device_for_the_record():
-    """A fully masked device: jaxbn ignores it; flax's per-device masked mean is 0/0.
-
-    Only jaxbn is asserted on; flax's result is printed for the record.
-    """
+def test_fully_masked_devices_are_ignored_by_jaxbn_and_make_flax_nan():
+    """Two devices have no valid row: jaxbn leaves them out of the statistics; flax averages
+    the per-device masked means with pmean, and a device's 0/0 mean makes every output NaN."""
     p = make_problem("empty")
-    ref = reference_bn(p)
+    expected = reference_bn(p)
     mesh = _mesh((DEVICES,), ("batch",))
     run, place = _shard_map_runner(mesh, "batch", "batch")
     y, _, _, _ = run_with_grads(run, place, p, "empty")
     flax_fn, flax_args = _flax_shard_map(p, mesh)
-    flax_y, _ = flax_fn(*flax_args)
-    flax_y = np.asarray(flax_y)
-    jaxbn_error = float(np.max(np.abs(np.asarray(y) - ref.y)))
-    flax_error = float(np.max(np.abs(flax_y - ref.y))) if np.isfinite(flax_y).all() else "nan"
-    report = (
-        f"fully masked devices (valid rows {MASKS['empty']}): max |y - y_float64| "
-        f"jaxbn {jaxbn_error:.3g}, flax {flax_error}"
-    )
-    print(report)
-    assert jaxbn_error < 1e-5, report
+    flax_y = np.asarray(flax_fn(*flax_args)[0])
+    np.testing.assert_allclose(np.asarray(y), expected.y, atol=ATOL, rtol=0)
+    assert np.isnan(flax_y).all(), flax_y
 
 
 # --------------------------------------------------------------------------- collectives
-
-# One match per collective instruction: the op name directly followed by "(", optionally as
-# the "-start" half of an async pair (the "-done" half is not counted).
-_COLLECTIVE = re.compile(
-    r"\s(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(?:-start)?\("
-)
-
-
-def count_collectives(compiled_text: str) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for line in compiled_text.splitlines():
-        match = _COLLECTIVE.search(line.split("metadata=")[0])
-        if match:
-            counts[match.group(1)] = counts.get(match.group(1), 0) + 1
-    return counts
-
-
-def test_count_collectives_regex():
-    text = (
-        "  %all-gather.1 = f32[8,3] all-gather(%a), channel_id=1\n"
-        "  %ag-start = (f32[1], f32[8]) all-gather-start(%b), channel_id=2\n"
-        "  %ag-done = f32[8] all-gather-done(%ag-start)\n"
-        "  %gte = f32[5] get-tuple-element(%all-reduce.1), index=0\n"
-        "  %all-reduce.1 = (f32[5], f32[5]) all-reduce(%c, %d), to_apply=%sum\n"
-        '  %f = f32[5] fusion(%x), metadata={op_name="all-gather("}\n'
-    )
-    assert count_collectives(text) == {"all-gather": 2, "all-reduce": 1}
-
 
 def _layer_stack(layers: int, mesh, use_flax: bool = False, check_vma: bool = True):
     """Collectives in a jitted shard_map of ``layers`` BN layers: forward and gradients."""

@@ -9,6 +9,7 @@ training batches with a blend of running and batch statistics.
 
 from __future__ import annotations
 
+import _reference as ref
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -48,24 +49,13 @@ def with_affine(layer, weight, bias):
 
 
 def reference(x, weight=None, bias=None, mask=None, channel_axis=1):
-    """float64 batch norm of a batch ``x`` of examples: ``(y, mean, biased var)``.
+    """float64 batch norm of a batch ``x`` of examples: ``(y, mean, biased var)``, from the
+    tests' reference (tests/_reference.py) with equinox's channel axis.
 
     The statistics of channel ``c`` are over every entry of ``x[..., c, ...]`` that
     ``mask`` (broadcast to ``x``) marks valid, each entry counted once.
     """
-    # A local float64 truth; the lead folds it into the tests' shared reference module.
-    x = np.asarray(x, np.float64)
-    valid = np.ones(x.shape) if mask is None else np.broadcast_to(mask, x.shape)
-    x = np.moveaxis(x, channel_axis, -1)
-    valid = np.moveaxis(valid, channel_axis, -1).astype(np.float64)
-    axes = tuple(range(x.ndim - 1))
-    count = valid.sum(axes)
-    mean = (valid * x).sum(axes) / count
-    var = (valid * (x - mean) ** 2).sum(axes) / count
-    y = (x - mean) / np.sqrt(var + EPS)
-    if weight is not None:
-        y = y * np.asarray(weight, np.float64) + np.asarray(bias, np.float64)
-    return np.moveaxis(y, -1, channel_axis), mean, var
+    return ref.batch_norm(x, channel_axis, weight, bias, mask, EPS)
 
 
 def stats_of(layer, state):
@@ -188,7 +178,7 @@ def test_equinox_batch_mode_does_not_debias_the_variance_negative_control():
         y_eval, _ = batched(eqx.nn.inference_mode(theirs))(x, state)
     want_y, mean, var = reference(x)
     np.testing.assert_allclose(
-        y_eval, (np.asarray(x) - mean[:, None]) / np.sqrt(9.0 + var[:, None] + EPS), **TOL
+        y_eval, ref.normalize(x, mean, 9.0 + var, axis=1, eps=EPS), **TOL
     )
     assert np.max(np.abs(np.asarray(y_eval) - want_y)) > 0.5
 
@@ -301,7 +291,7 @@ def test_pmap_over_devices_weights_devices_by_their_valid_count():
     _, mean, var = reference(np.asarray(x).reshape(8, 3, 5)[flat_keep])
     np.testing.assert_allclose(stats_of(layer, state).mean, mean, **TOL)
     np.testing.assert_allclose(stats_of(layer, state).var, var, **TOL)
-    want_y = (np.asarray(x, np.float64) - mean[:, None]) / np.sqrt(var[:, None] + EPS)
+    want_y = ref.normalize(x, mean, var, axis=-2, eps=EPS)
     np.testing.assert_allclose(y, want_y, **TOL)
 
 
@@ -316,7 +306,7 @@ def test_scalar_mask_leaves_an_example_out():
     y, state = run(x, state, keep)
     _, mean, var = reference(np.asarray(x)[np.asarray(keep)])
     np.testing.assert_allclose(stats_of(layer, state).mean, mean, **TOL)
-    np.testing.assert_allclose(y, (np.asarray(x) - mean) / np.sqrt(var + EPS), **TOL)
+    np.testing.assert_allclose(y, ref.normalize(x, mean, var, axis=1, eps=EPS), **TOL)
 
 
 # ----------------------------------------------------------------------------------------------

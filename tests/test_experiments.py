@@ -18,8 +18,10 @@ import pytest
 
 from experiments import data, verdict
 from experiments.__main__ import main
+from experiments.claims import overhead
+from experiments.loop import train_and_evaluate
 from experiments.models import BATCH_NORMS, NORMS, make_model
-from experiments.train import Config, Trainer, train_and_evaluate
+from experiments.train import Config, Trainer
 
 TINY = Config(
     dataset="digits",
@@ -224,16 +226,28 @@ def test_cli_list_in_a_subprocess():
 
 
 def test_cli_run_writes_report_png_and_results(tmp_path, capsys):
+    """The issue's example: options before the command reach the run (full mode, 2 seeds)."""
     out = tmp_path / "run"
-    main(["run", "convergence", "--budget", "0.04", "--seeds", "2", "--dataset", "digits",
-          "--out", str(out), "--no-progress"])
+    main(["--full", "--seeds", "2", "run", "convergence", "--budget", "0.01", "--dataset",
+          "digits", "--out", str(out), "--no-progress"])
     printed = capsys.readouterr().out
     assert "| convergence |" in printed and "report.md" in printed
     assert {"report.md", "results.json", "convergence.png"} <= set(os.listdir(out))
     results = json.loads((out / "results.json").read_text())
-    assert results["meta"]["seeds"] == 2
+    meta = results["meta"]
+    assert (meta["mode"], meta["seeds"], meta["dataset"]) == ("full", 2, "digits")
+    assert meta["command"].startswith("python -m experiments --full --seeds 2 run convergence")
+    for key in ("commit", "date", "machine", "devices", "jax_version", "flax_version"):
+        assert meta[key], key
     entry = results["claims"]["convergence"]
-    assert entry["verdict"] in ("holds", "does not hold", "inconclusive")
+    assert entry["details"]["budget"] == 50  # full mode: 5000 steps x 0.01
+    # These seeds: with BN both runs reach the target within the 50 steps, without BN neither
+    # does; two seeds give a t-interval too wide to call it, and the rule says inconclusive.
+    assert max(entry["with_bn"]["values"]) < 50 == min(entry["without_bn"]["values"])
+    assert entry["verdict"] == "inconclusive", entry["reason"]
+    assert entry["verdict"] == verdict.compare(
+        entry["with_bn"]["values"], entry["without_bn"]["values"], higher_is_better=False
+    )[0]
     for key in ("metric", "rule", "reason", "higher_is_better", "runtime_s", "details"):
         assert key in entry
     for arm in ("with_bn", "without_bn"):
@@ -254,3 +268,26 @@ def test_tensorboard_event_files_when_tensorboardx_is_installed(tmp_path, digits
     for run in ("run_0", "run_1"):
         files = os.listdir(tmp_path / "tensorboard" / run)
         assert any(f.startswith("events.out.tfevents") for f in files)
+
+
+def test_overhead_times_no_norm_jaxbn_and_flax_in_one_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(overhead, "CHUNK", 2)
+    monkeypatch.setattr(overhead, "MODELS", {"mlp": "MLP"})
+    out = tmp_path / "run"
+    main(["run", "overhead", "--dataset", "digits", "--out", str(out), "--no-progress"])
+    entry = json.loads((out / "results.json").read_text())["claims"]["overhead"]
+    seconds = {arm: np.array(s) for arm, s in entry["details"]["seconds_per_step"].items()}
+    assert set(seconds) == {"mlp-none", "mlp-bn", "mlp-flax-bn"}
+    ratios = entry["details"]["ratios"]["mlp"]
+    assert set(ratios) == {"bn/none", "flax-bn/none", "bn/flax-bn"}
+    np.testing.assert_allclose(ratios["bn/flax-bn"]["values"],
+                               seconds["mlp-bn"] / seconds["mlp-flax-bn"])
+    for ratio in ratios.values():
+        assert len(ratio["values"]) == 7  # one per round, quick mode
+        assert ratio["min"] <= ratio["median"] <= ratio["max"]
+    assert entry["verdict"] == verdict.compare(seconds["mlp-bn"], seconds["mlp-none"],
+                                               higher_is_better=True)[0]
+    report = (out / "report.md").read_text()
+    assert ("| model | no norm ms | jaxbn ms | flax ms | jaxbn / no norm | flax / no norm | "
+            "jaxbn / flax |") in report
+    assert "| MLP | " in report

@@ -2,8 +2,9 @@
 
 Each process runs tests/multihost_worker.py: jaxbn.batch_norm under shard_map over the mesh of
 all 4 devices, with an uneven mask (one device fully masked). Statistics synchronized across
-the processes must equal a float64 numpy reference over the valid rows of the whole global
-batch: outputs, running statistics and the gradients with respect to x, scale and bias.
+the processes must equal the float64 reference (tests/_reference.py) over the valid rows of
+the whole global batch: outputs, running statistics and the gradients with respect to x,
+scale and bias.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _reference as ref
 import multihost_worker as worker
 import numpy as np
 import pytest
@@ -30,35 +32,25 @@ def _free_port() -> int:
 
 
 def _worker_env() -> dict[str, str]:
-    env = dict(os.environ)
-    # Not the 8 devices conftest.py gives this process: two per worker process.
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    env["JAX_PLATFORMS"] = "cpu"
+    env = dict(os.environ)  # each worker sets its own 2 devices
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     return env
 
 
 def _reference(problem: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Float64 BN over the valid rows of the global batch, and the grads of sum(y * g)."""
-    x = problem["x"].astype(np.float64)
-    g = problem["cotangent"].astype(np.float64)
-    valid = problem["valid"]
-    scale = problem["scale"].astype(np.float64)
-    n = valid.sum()
-    mu, var = x[valid].mean(0), x[valid].var(0)
-    sigma = np.sqrt(var + worker.EPSILON)
-    xhat = (x - mu) / sigma
-    d_mu = -scale / sigma * g.sum(0)
-    d_var = -0.5 * scale / sigma**3 * (g * (x - mu)).sum(0)
-    momentum = worker.MOMENTUM
-    return {
-        "y": scale * xhat + problem["bias"],
-        "mean": momentum * problem["mean0"] + (1 - momentum) * mu,
-        "var": momentum * problem["var0"] + (1 - momentum) * var,
-        "dx": scale / sigma * g + valid[:, None] * (d_mu + 2 * d_var * (x - mu)) / n,
-        "dscale": (g * xhat).sum(0),
-        "dbias": g.sum(0),
-    }
+    """The float64 reference over the valid rows of the global batch, and the gradients of
+    ``sum(y * cotangent)``."""
+    return ref.train_step(
+        problem["x"],
+        problem["cotangent"],
+        scale=problem["scale"],
+        bias=problem["bias"],
+        running_mean=problem["mean0"],
+        running_var=problem["var0"],
+        momentum=worker.MOMENTUM,
+        mask=problem["valid"][:, None],
+        eps=worker.EPSILON,
+    )._asdict()
 
 
 @pytest.fixture(scope="module")

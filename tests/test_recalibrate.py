@@ -6,6 +6,7 @@ layer saw over all K batches concatenated: what "exact population statistics" me
 
 from __future__ import annotations
 
+import _reference as ref
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -32,12 +33,12 @@ def batches(features, sizes=SIZES, loc=1.5, seed=0, spatial=()):
 
 
 def population(arrays, feature_axis=-1):
-    """float64 mean and biased variance over everything but the feature axis."""
+    """The float64 mean and biased variance, per feature, of every entry of ``arrays``."""
     stacked = np.concatenate(
-        [np.moveaxis(np.asarray(a, np.float64), feature_axis, -1).reshape(-1, a.shape[feature_axis])
+        [np.moveaxis(np.asarray(a), feature_axis, -1).reshape(-1, a.shape[feature_axis])
          for a in arrays]
     )
-    return stacked.mean(0), stacked.var(0)
+    return ref.moments(stacked)[:2]
 
 
 # ----------------------------------------------------------------------------------------------

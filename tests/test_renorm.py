@@ -1,9 +1,11 @@
-"""jaxbn.batch_renorm against a float64 numpy reference: outputs, gradients, state, options."""
+"""jaxbn.batch_renorm against the float64 reference (tests/_reference.py): outputs, gradients,
+state, options."""
 
 from __future__ import annotations
 
 import functools
 
+import _reference as ref
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,6 @@ import pytest
 
 import jaxbn
 
-EPS = 1e-5
 STATIC = ("training", "axis", "momentum", "virtual_batch_size", "debias", "unbiased_running_var")
 batch_renorm = jax.jit(jaxbn.batch_renorm, static_argnames=STATIC)
 batch_norm = jax.jit(jaxbn.batch_norm, static_argnames=STATIC)
@@ -31,34 +32,22 @@ def data(shape, seed=0):
     return jnp.asarray(z * np.array([1.2, 1.0, 1.0]) + np.array([1.0, 1.0, 0.0]), jnp.float32)
 
 
-def np_renorm(x, state, params, r_max, d_max, mask=None):
-    """float64 Batch Renormalization over all axes but the last; also returns r, d, x̃, σ_B."""
-    x = np.asarray(x, np.float64)
-    red = tuple(range(x.ndim - 1))
-    m = np.ones(x.shape) if mask is None else np.broadcast_to(np.asarray(mask), x.shape) * 1.0
-    n = m.sum(red)
-    mean_b = (x * m).sum(red) / n
-    var_b = ((x - mean_b) ** 2 * m).sum(red) / n
-    sigma_b = np.sqrt(var_b + EPS)
-    sigma = np.sqrt(np.asarray(state.var, np.float64) + EPS)
-    r = np.clip(sigma_b / sigma, 1 / r_max, r_max)
-    d = np.clip((mean_b - np.asarray(state.mean, np.float64)) / sigma, -d_max, d_max)
-    x_tilde = (x - mean_b) / sigma_b
-    scale, bias = (np.asarray(params[k], np.float64) for k in ("scale", "bias"))
-    y = scale * (x_tilde * r + d) + bias
-    return y, (mean_b, var_b, r, d, x_tilde, sigma_b)
+def reference(x, r_max, d_max, mask=None):
+    """The float64 reference with this file's running statistics and parameters."""
+    return ref.batch_renorm(x, STATE.mean, STATE.var, PARAMS["scale"], PARAMS["bias"], r_max,
+                            d_max, mask=mask)
 
 
 def test_output_matches_numpy_with_clipped_and_unclipped_features():
     x = data((32, 3))
     y, new = batch_renorm(x, PARAMS, STATE, training=True, r_max=1.5, d_max=1.0, momentum=0.9)
-    y_ref, (mean_b, var_b, r, d, _, _) = np_renorm(x, STATE, PARAMS, 1.5, 1.0)
+    y_ref, (mean_b, var_b, r, d, _, _) = reference(x, 1.5, 1.0)
     np.testing.assert_allclose(r, [1.2, 1 / 1.5, 1.5], rtol=1e-4)  # the cases are as intended
     np.testing.assert_allclose(d, [0.5, 0.0, 1.0], atol=1e-5)
     np.testing.assert_allclose(np.asarray(y), y_ref, atol=3e-5, rtol=1e-5)
     # The running statistics are updated exactly as batch_norm updates them.
-    np.testing.assert_allclose(new.mean, 0.9 * np.asarray(STATE.mean) + 0.1 * mean_b, atol=1e-6)
-    np.testing.assert_allclose(new.var, 0.9 * np.asarray(STATE.var) + 0.1 * var_b, rtol=1e-5)
+    np.testing.assert_allclose(new.mean, ref.ema(STATE.mean, mean_b, 0.9), atol=1e-6)
+    np.testing.assert_allclose(new.var, ref.ema(STATE.var, var_b, 0.9), rtol=1e-5)
     assert int(new.count) == 4
 
 
@@ -117,10 +106,9 @@ def test_gradients_match_the_numpy_analytic_formula():
         )
 
     dx, dparams = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, PARAMS)
-    _, (_, _, r, d, x_tilde, sigma_b) = np_renorm(x, STATE, PARAMS, 1.5, 1.0)
-    # r and d are constants: y = scale·(r·x̃ + d) + bias, and x̃ is the batch-normalized x.
-    g = dy * np.asarray(PARAMS["scale"], np.float64) * r  # dL/dx̃
-    dx_ref = (g - g.mean(0) - x_tilde * (g * x_tilde).mean(0)) / sigma_b
+    _, (_, _, r, d, x_tilde, _) = reference(x, 1.5, 1.0)
+    # r and d are constants: y = scale·(r·x̃ + d) + bias is batch norm with gain scale·r.
+    dx_ref = ref.grads(x, dy, -1, np.asarray(PARAMS["scale"], np.float64) * r)[0]
     np.testing.assert_allclose(dx, dx_ref, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(dparams["scale"], (dy * (x_tilde * r + d)).sum(0), rtol=1e-4)
     np.testing.assert_allclose(dparams["bias"], dy.sum(0), rtol=1e-5)
@@ -129,12 +117,11 @@ def test_gradients_match_the_numpy_analytic_formula():
 def test_gradients_match_finite_differences_in_float64_with_r_and_d_held():
     x = np.asarray(data((6, 3), seed=5), np.float64)
     dy = np.asarray(jax.random.normal(jax.random.key(6), x.shape), np.float64)
-    _, (_, _, r, d, _, _) = np_renorm(x, STATE, PARAMS, 1.5, 1.0)
+    _, (_, _, r, d, _, _) = reference(x, 1.5, 1.0)
     scale, bias = (np.asarray(PARAMS[k], np.float64) for k in ("scale", "bias"))
 
     def f(x):  # r and d held at their values: stop_gradient
-        mean_b, var_b = x.mean(0), x.var(0)
-        return np.sum((scale * ((x - mean_b) / np.sqrt(var_b + EPS) * r + d) + bias) * dy)
+        return np.sum(ref.normalize(x, x.mean(0), x.var(0), -1, scale * r, scale * d + bias) * dy)
 
     h, fd = 1e-6, np.zeros_like(x)
     for i in np.ndindex(*x.shape):
@@ -160,7 +147,7 @@ def test_traced_r_max_d_max_ramp_under_jit_compiles_once():
     x = data((32, 3))
     for r_max, d_max in [(1.0, 0.0), (1.5, 1.0), (3.0, 5.0)]:
         y, _ = step(x, STATE, jnp.float32(r_max), jnp.float32(d_max))
-        y_ref, _ = np_renorm(x, STATE, PARAMS, r_max, d_max)
+        y_ref, _ = reference(x, r_max, d_max)
         np.testing.assert_allclose(np.asarray(y), y_ref, atol=3e-5, rtol=1e-5)
     assert len(traces) == 1
 
@@ -195,9 +182,9 @@ def test_mask_and_ghost_batches_match_numpy():
     x = data((8, 3), seed=7)
     mask = jnp.arange(8).reshape(8, 1) % 4 != 1
     y, _ = batch_renorm(x, PARAMS, STATE, training=True, r_max=1.5, d_max=1.0, mask=mask)
-    np.testing.assert_allclose(y, np_renorm(x, STATE, PARAMS, 1.5, 1.0, mask)[0], atol=3e-5)
+    np.testing.assert_allclose(y, reference(x, 1.5, 1.0, mask)[0], atol=3e-5)
     y, _ = batch_renorm(x, PARAMS, STATE, training=True, r_max=1.5, d_max=1.0, virtual_batch_size=4)
-    y_ref = np.concatenate([np_renorm(x[i : i + 4], STATE, PARAMS, 1.5, 1.0)[0] for i in (0, 4)])
+    y_ref = np.concatenate([reference(x[i : i + 4], 1.5, 1.0)[0] for i in (0, 4)])
     np.testing.assert_allclose(y, y_ref, atol=3e-5, rtol=1e-5)
 
 
@@ -223,7 +210,7 @@ def test_low_precision_input_keeps_its_dtype_and_float32_state(dtype):
     assert y.dtype == dtype
     assert jax.tree.map(jax.typeof, new) == jax.tree.map(jax.typeof, STATE)
     np.testing.assert_allclose(
-        np.asarray(y, np.float32), np_renorm(x, STATE, PARAMS, 1.5, 1.0)[0], atol=0.05, rtol=0.02
+        np.asarray(y, np.float32), reference(x, 1.5, 1.0)[0], atol=0.05, rtol=0.02
     )
 
 

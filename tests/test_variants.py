@@ -1,4 +1,5 @@
-"""batch_norm's options against float64 numpy references (and torch where torch has them).
+"""batch_norm's options against the float64 reference (tests/_reference.py), and torch where
+torch has them.
 
 Ghost batches (``virtual_batch_size``), the zero-debiased EMA (``debias``), the unbiased
 running variance (``unbiased_running_var``), the frozen mode (``training=False``), and the
@@ -7,6 +8,7 @@ fully masked / empty batch.
 
 from __future__ import annotations
 
+import _reference as ref
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,42 +18,9 @@ import torch
 
 import jaxbn
 
-EPS = 1e-5
 STATIC = ("training", "axis", "momentum", "virtual_batch_size", "debias", "unbiased_running_var")
 batch_norm = jax.jit(jaxbn.batch_norm, static_argnames=STATIC)
 batch_renorm = jax.jit(jaxbn.batch_renorm, static_argnames=STATIC)
-
-
-# ----------------------------------------------------------------------------------------------
-# float64 numpy references, written from the formulas
-# ----------------------------------------------------------------------------------------------
-
-
-def np_moments(x, red, mask=None, ddof=0):
-    """Mean and variance over the axes `red` of the True entries of `mask` (feature-shaped)."""
-    x = np.asarray(x, np.float64)
-    m = np.ones(x.shape) if mask is None else np.broadcast_to(np.asarray(mask), x.shape) * 1.0
-    n = m.sum(axis=red, keepdims=True)
-    mean = (x * m).sum(axis=red, keepdims=True) / np.maximum(n, 1)
-    var = ((x - mean) ** 2 * m).sum(axis=red, keepdims=True) / np.maximum(n - ddof, 1)
-    return mean, var, n
-
-
-def np_ghost(x, k, feature_axis, mask=None):
-    """Ghost batch norm on axis 0 (no affine): outputs, mean over groups of (mean, var)."""
-    x = np.asarray(x, np.float64)
-    red = tuple(a for a in range(x.ndim) if a != feature_axis % x.ndim)
-    mask = None if mask is None else np.broadcast_to(np.asarray(mask), x.shape)
-    ys, means, variances = [], [], []
-    for start in range(0, x.shape[0], k):
-        xg = x[start : start + k]
-        mg = None if mask is None else mask[start : start + k]
-        mean, var, n = np_moments(xg, red, mg)
-        ys.append((xg - mean) / np.sqrt(var + EPS))
-        if n.ravel()[0] > 0:
-            means.append(mean.ravel())
-            variances.append(var.ravel())
-    return np.concatenate(ys), np.mean(means, axis=0), np.mean(variances, axis=0)
 
 
 def assert_state(state, mean, var, count, atol=1e-5):
@@ -80,9 +49,9 @@ def test_ghost_batches_match_numpy_per_group(shape, axis, k):
     y, new = batch_norm(
         x, None, state, training=True, axis=axis, momentum=0.9, virtual_batch_size=k
     )
-    y_ref, mean_ref, var_ref = np_ghost(x, k, axis)
+    y_ref, mean_ref, var_ref = ref.ghost_batch_norm(x, k, axis)
     np.testing.assert_allclose(np.asarray(y), y_ref, atol=2e-5, rtol=1e-5)
-    assert_state(new, 0.1 * mean_ref, 0.9 + 0.1 * var_ref, 1)
+    assert_state(new, ref.ema(0.0, mean_ref, 0.9), ref.ema(1.0, var_ref, 0.9), 1)
 
 
 def test_ghost_batches_with_mask_use_per_group_masked_statistics():
@@ -94,10 +63,10 @@ def test_ghost_batches_with_mask_use_per_group_masked_statistics():
     y, new = batch_norm(
         x, None, state, training=True, momentum=0.5, mask=mask, virtual_batch_size=4
     )
-    y_ref, mean_ref, var_ref = np_ghost(x, 4, -1, mask)
+    y_ref, mean_ref, var_ref = ref.ghost_batch_norm(x, 4, -1, mask)
     np.testing.assert_allclose(np.asarray(y), y_ref, atol=2e-5, rtol=1e-5)
     assert np.all(np.isfinite(np.asarray(y)))
-    assert_state(new, 0.5 * mean_ref, 0.5 + 0.5 * var_ref, 1)
+    assert_state(new, ref.ema(0.0, mean_ref, 0.5), ref.ema(1.0, var_ref, 0.5), 1)
 
 
 def test_ghost_batches_gradients_equal_per_group_batch_norm():
@@ -178,7 +147,7 @@ def test_debiased_ema_over_several_steps(momentum):
     for step in range(5):
         x = data((16, 3), seed=step, loc=float(step))
         state = batch_norm(x, None, state, training=True, momentum=momentum, debias=True)[1]
-        batch_mean, batch_var, _ = np_moments(x, (0,))
+        batch_mean, batch_var, _ = ref.moments(x, -1)
         k = step + 1
         weight = (1 - momentum) / (1 - momentum**k)
         mean = (1 - weight) * mean + weight * batch_mean.ravel()
@@ -197,8 +166,8 @@ def test_debiased_ema_skips_rejected_batches_without_advancing_k():
     jax.tree.map(np.testing.assert_array_equal, skipped, state)
     state = batch_norm(x1, None, skipped, training=True, momentum=0.9, debias=True)[1]
     w = 0.1 / (1 - 0.9**2)
-    m0, v0, _ = np_moments(x0, (0,))
-    m1, v1, _ = np_moments(x1, (0,))
+    m0, v0, _ = ref.moments(x0, -1)
+    m1, v1, _ = ref.moments(x1, -1)
     mean, var = (1 - w) * m0 + w * m1, (1 - w) * v0 + w * v1
     assert_state(state, mean.ravel(), var.ravel(), 2)
 
@@ -230,7 +199,7 @@ def test_unbiased_running_var_matches_torch_over_steps(momentum):
     params, state = jaxbn.init(3)
     params = {"scale": jnp.array([1.5, 0.5, -1.0]), "bias": jnp.array([0.0, 1.0, 2.0])}
     torch_bn = torch.nn.BatchNorm2d(
-        3, eps=EPS, momentum=None if momentum is None else 1 - momentum, dtype=torch.float64
+        3, eps=ref.EPS, momentum=None if momentum is None else 1 - momentum, dtype=torch.float64
     )
     with torch.no_grad():
         torch_bn.weight.copy_(torch.tensor(np.asarray(params["scale"])))
@@ -255,7 +224,7 @@ def test_unbiased_running_var_with_mask_counts_valid_entries():
     _, new = batch_norm(
         x, None, state, training=True, momentum=0.5, mask=mask, unbiased_running_var=True
     )
-    mean, var, n = np_moments(x, (0,), mask, ddof=1)
+    mean, var, n = ref.moments(x, -1, mask, ddof=1)
     n = n.ravel()
     assert n.tolist() == [5, 5, 1]
     expected_var = np.where(n > 1, 0.5 + 0.5 * var.ravel(), 1.0)  # n=1: variance kept
@@ -269,7 +238,7 @@ def test_unbiased_running_var_with_ghost_batches():
     _, new = batch_norm(
         x, None, state, training=True, momentum=0.0, virtual_batch_size=4, unbiased_running_var=True
     )
-    groups = [np_moments(x[i : i + 4], (0,), ddof=1) for i in (0, 4)]
+    groups = [ref.moments(x[i : i + 4], -1, ddof=1) for i in (0, 4)]
     np.testing.assert_allclose(new.mean, np.mean([g[0].ravel() for g in groups], 0), atol=1e-5)
     np.testing.assert_allclose(new.var, np.mean([g[1].ravel() for g in groups], 0), atol=1e-5)
 
@@ -292,8 +261,8 @@ def test_frozen_mode_is_eval_gradients_flow_and_state_is_kept():
 
     (dx, dparams), new = jax.grad(loss, argnums=(0, 1), has_aux=True)(x, params)
     jax.tree.map(np.testing.assert_array_equal, new, state)
-    inv_std = 1 / np.sqrt(np.asarray(state.var, np.float64) + EPS)
-    x_hat = (np.asarray(x, np.float64) - np.asarray(state.mean)) * inv_std
+    inv_std = 1 / np.sqrt(np.asarray(state.var, np.float64) + ref.EPS)
+    x_hat = ref.normalize(x, state.mean, state.var)
     dy = np.asarray(dy, np.float64)
     np.testing.assert_allclose(dx, dy * np.asarray(params["scale"]) * inv_std, rtol=1e-5)
     np.testing.assert_allclose(dparams["scale"], (dy * x_hat).sum(0), rtol=1e-5, atol=1e-5)

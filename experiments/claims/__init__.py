@@ -4,10 +4,13 @@ A claim module defines:
 
 - ``ID``, ``CLAIM`` (the claim in one line), ``SOURCES`` (the seed articles that make it),
   ``HOW`` (how it is tested);
+- ``configs(settings) -> dict[str, Config]``: its runs by arm (``Context.check`` checks them
+  all before anything trains);
 - ``run(ctx) -> dict``: trains its configs through ``ctx.train`` and returns its entry of
   ``results.json`` (built with :func:`entry`);
 - ``plot(entry, fig)``: draws its figure from that entry alone, so plots can be remade from
-  ``results.json`` without re-running (``python -m experiments plot DIR``).
+  ``results.json`` without re-running (``python -m experiments plot DIR``);
+- optionally ``report_table(entry) -> str``: a markdown table for report.md (and README).
 
 Its docstring gives the command, the runtime on 2 CPU cores and the expected result.
 """
@@ -98,16 +101,39 @@ class Context:
             self._datasets[key] = data.load(name, train_size=train_size)
         return self._datasets[key]
 
-    def train(self, config, *, arm: str):
-        """Trains ``config`` (once per process: an identical config is reused) in its workdir."""
-        from ..train import train_and_evaluate
-
+    def prepare(self, config, *, claim: str, arm: str):
+        """``config`` as the command line's settings make it: named ``claim/arm``, with
+        TensorBoard if asked, and data parallel over ``settings.devices`` when the batch
+        divides."""
         config = dataclasses.replace(
-            config, name=f"{self.claim}/{arm}", tensorboard=self.settings.tensorboard
+            config, name=f"{claim}/{arm}", tensorboard=self.settings.tensorboard
         )
         devices = self.settings.devices
         if devices > 1 and config.devices == 1 and config.batch_size % devices == 0:
             config = dataclasses.replace(config, devices=devices, sync_bn=True)
+        return config
+
+    def check(self, claim_ids) -> None:
+        """Checks every config of the claims against its dataset before anything trains.
+
+        Raises:
+          ValueError: naming the claim and the arm of the first config that cannot be trained.
+        """
+        from ..train import check_config
+
+        for claim_id in claim_ids:
+            for arm, config in load_claim(claim_id).configs(self.settings).items():
+                config = self.prepare(config, claim=claim_id, arm=arm)
+                try:  # the dataset is loaded here once, for the whole suite
+                    check_config(config, self.dataset(config.dataset, config.train_size))
+                except ValueError as error:
+                    raise ValueError(f"claim {claim_id}, arm {arm}: {error}") from None
+
+    def train(self, config, *, arm: str):
+        """Trains ``config`` (once per process: an identical config is reused) in its workdir."""
+        from ..loop import train_and_evaluate
+
+        config = self.prepare(config, claim=self.claim, arm=arm)
         key = dataclasses.replace(config, name="")
         if key in self._results:
             return self._results[key][0]
@@ -146,10 +172,14 @@ def entry(
     notes: str = "",
     claim_direction: str = "",
 ) -> dict[str, Any]:
-    """A claim's entry of results.json, its verdict decided by :func:`verdict.compare`."""
+    """A claim's entry of results.json, its verdict decided by :func:`verdict.compare`.
+
+    Non-finite numbers (a half-width from one seed, a stopped run) become ``null``: JSON has
+    no NaN.
+    """
     (t_label, t_values), (r_label, r_values) = treatment, reference
     verdict, reason = verdict_lib.compare(t_values, r_values, higher_is_better=higher_is_better)
-    return {
+    return _jsonable({
         "id": module.ID,
         "claim": module.CLAIM,
         "sources": module.SOURCES,
@@ -164,8 +194,8 @@ def entry(
         "rule": verdict_lib.RULE,
         "reason": reason,
         "notes": notes,
-        "details": _jsonable(details),
-    }
+        "details": details,
+    })
 
 
 def _jsonable(value: Any) -> Any:

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import verdict as verdict_lib
 from . import entry
-from ._common import generic, plot_curves, steps_to_target
+from ._common import generic, plot_accuracy_curves, steps_to_target
 
 ID = "cnn"
 CLAIM = "BN in convolutional networks gives higher accuracy in fewer epochs"
@@ -67,13 +67,5 @@ def run(ctx):
 
 
 def plot(result, fig):
-    d = result["details"]
-    ax = fig.add_subplot(1, 1, 1)
-    plot_curves(
-        ax,
-        d["steps"],
-        {"CNN, no BN": d["test_accuracy"]["none"], "CNN + BN": d["test_accuracy"]["bn"]},
-        "test accuracy",
-        d["target"],
-    )
-    ax.set_title(f"cnn ({d['dataset']})")
+    plot_accuracy_curves(result, fig, {"none": "CNN, no BN", "bn": "CNN + BN"}, "cnn")
+

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 
 from . import entry
-from ._common import ioffe, plot_curves, steps_to_target
+from ._common import ioffe, plot_accuracy_curves, steps_to_target
 
 ID = "convergence"
 CLAIM = "BN trains faster: fewer steps to reach a given accuracy"
@@ -62,13 +62,5 @@ def run(ctx):
 
 
 def plot(result, fig):
-    d = result["details"]
-    ax = fig.add_subplot(1, 1, 1)
-    plot_curves(
-        ax,
-        d["steps"],
-        {"no BN": d["test_accuracy"]["none"], "BN": d["test_accuracy"]["bn"]},
-        "test accuracy",
-        d["target"],
-    )
-    ax.set_title(f"convergence ({d['dataset']})")
+    plot_accuracy_curves(result, fig, {"none": "no BN", "bn": "BN"}, "convergence")
+

@@ -31,20 +31,24 @@ HOW = (
 )
 
 
+def depth_sweep(settings):
+    """The depths, shallowest first."""
+    return settings.pick((2, 8, 20), (2, 5, 10, 20, 35, 50))
+
+
 def configs(settings):
-    depths = settings.pick((2, 8, 20), (2, 5, 10, 20, 35, 50))
     base = dataclasses.replace(
         generic(settings), optimizer="momentum", learning_rates=(0.01,), grad_norms=True
     )
     return {
         f"{norm}-depth{d}": dataclasses.replace(base, widths=(64,) * d, norm=norm)
-        for d in depths
+        for d in depth_sweep(settings)
         for norm in ("none", "bn")
-    }, depths
+    }
 
 
 def run(ctx):
-    cfgs, depths = configs(ctx.settings)
+    cfgs, depths = configs(ctx.settings), depth_sweep(ctx.settings)
     results = {arm: ctx.train(c, arm=arm) for arm, c in cfgs.items()}
     chance = 1.0 / ctx.dataset(next(iter(cfgs.values())).dataset).num_classes
     acc = {

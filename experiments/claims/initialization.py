@@ -18,8 +18,8 @@ import sys
 
 import numpy as np
 
-from . import entry, finite_or
-from ._common import errorbar, generic
+from . import entry
+from ._common import final_by_sweep, generic, plot_sweep
 
 ID = "initialization"
 CLAIM = "BN reduces the dependence on weight initialization"
@@ -42,12 +42,8 @@ def run(ctx):
     cfgs = configs(ctx.settings)
     results = {arm: ctx.train(c, arm=arm) for arm, c in cfgs.items()}
     scales = np.array(cfgs["bn"].init_scales)
-    seeds = len(cfgs["bn"].seeds)
     chance = 1.0 / ctx.dataset(cfgs["bn"].dataset).num_classes
-    final = {
-        arm: finite_or(r.final("test_accuracy"), chance).reshape(len(scales), seeds)
-        for arm, r in results.items()
-    }
+    final, diverged = final_by_sweep(results, len(scales), chance)
     spread = {arm: f.max(0) - f.min(0) for arm, f in final.items()}
     return entry(
         module=sys.modules[__name__],
@@ -58,24 +54,12 @@ def run(ctx):
         details={
             "init_scales": scales,
             "final_test_accuracy": final,
-            "diverged": {
-                arm: np.array([x is not None for x in r.diverged_at]).reshape(len(scales), seeds)
-                for arm, r in results.items()
-            },
+            "diverged": diverged,
             "dataset": cfgs["bn"].dataset,
         },
     )
 
 
 def plot(result, fig):
-    d = result["details"]
-    ax = fig.add_subplot(1, 1, 1)
-    scales = np.asarray(d["init_scales"])
-    for arm, label in (("none", "no BN"), ("bn", "BN")):
-        f = np.asarray(d["final_test_accuracy"][arm], dtype=np.float64)
-        errorbar(ax, scales, f, label)
-    ax.set_xscale("log")
-    ax.set_xlabel("init scale (x LeCun normal)")
-    ax.set_ylabel("final test accuracy")
-    ax.legend(fontsize=8)
-    ax.set_title(f"initialization sweep ({d['dataset']})")
+    plot_sweep(result, fig, "init_scales", "init scale (x LeCun normal)", "initialization sweep")
+

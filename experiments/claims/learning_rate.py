@@ -20,8 +20,8 @@ import sys
 
 import numpy as np
 
-from . import entry, finite_or
-from ._common import errorbar, generic
+from . import entry
+from ._common import final_by_sweep, generic, plot_sweep
 
 ID = "learning-rate"
 CLAIM = "BN allows higher learning rates"
@@ -45,16 +45,8 @@ def run(ctx):
     cfgs = configs(ctx.settings)
     results = {arm: ctx.train(c, arm=arm) for arm, c in cfgs.items()}
     lrs = np.array(cfgs["bn"].learning_rates)
-    seeds = len(cfgs["bn"].seeds)
     chance = 1.0 / ctx.dataset(cfgs["bn"].dataset).num_classes
-    final = {  # (lrs, seeds)
-        arm: finite_or(r.final("test_accuracy"), chance).reshape(len(lrs), seeds)
-        for arm, r in results.items()
-    }
-    diverged = {
-        arm: np.array([d is not None for d in r.diverged_at]).reshape(len(lrs), seeds)
-        for arm, r in results.items()
-    }
+    final, diverged = final_by_sweep(results, len(lrs), chance)  # (lrs, seeds)
     target = 0.9 * max(float(f.mean(1).max()) for f in final.values())
     usable = {}
     for arm, f in final.items():
@@ -78,17 +70,5 @@ def run(ctx):
 
 
 def plot(result, fig):
-    d = result["details"]
-    ax = fig.add_subplot(1, 1, 1)
-    lrs = np.asarray(d["learning_rates"])
-    for arm, label in (("none", "no BN"), ("bn", "BN")):
-        f = np.asarray(d["final_test_accuracy"][arm], dtype=np.float64)
-        errorbar(ax, lrs, f, label)
-        div = np.asarray(d["diverged"][arm]).any(1)
-        ax.scatter(lrs[div], f.mean(1)[div], marker="x", color="red", zorder=3)
-    ax.axhline(d["target"], color="gray", linestyle=":", label="target")
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate (SGD)")
-    ax.set_ylabel("final test accuracy (x: a seed diverged)")
-    ax.legend(fontsize=8)
-    ax.set_title(f"learning-rate sweep ({d['dataset']})")
+    plot_sweep(result, fig, "learning_rates", "learning rate (SGD)", "learning-rate sweep")
+

@@ -15,7 +15,7 @@ import dataclasses
 import sys
 
 from . import entry
-from ._common import generic, plot_curves
+from ._common import generic, plot_accuracy_curves
 
 ID = "placement"
 CLAIM = "BN works better after the activation than before it (seed 004's tip)"
@@ -50,13 +50,7 @@ def run(ctx):
 
 
 def plot(result, fig):
-    d = result["details"]
-    ax = fig.add_subplot(1, 1, 1)
-    plot_curves(
-        ax,
-        d["steps"],
-        {"BN before ReLU": d["test_accuracy"]["before"],
-         "BN after ReLU": d["test_accuracy"]["after"]},
-        "test accuracy",
+    plot_accuracy_curves(
+        result, fig, {"before": "BN before ReLU", "after": "BN after ReLU"}, "placement"
     )
-    ax.set_title(f"placement ({d['dataset']})")
+

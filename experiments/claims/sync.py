@@ -25,7 +25,7 @@ import sys
 import numpy as np
 
 from . import entry
-from ._common import generic, plot_curves
+from ._common import generic, plot_accuracy_curves
 
 ID = "sync"
 CLAIM = "Synchronized BN statistics matter when each device holds a small batch"
@@ -86,14 +86,7 @@ def run(ctx):
 
 
 def plot(result, fig):
-    d = result["details"]
-    ax = fig.add_subplot(1, 1, 1)
-    plot_curves(
-        ax,
-        d["steps"],
-        {"per-device BN (8x4)": d["test_accuracy"]["per-device"],
-         "synchronized BN (8x4)": d["test_accuracy"]["synchronized"],
-         "one device, batch 32": d["test_accuracy"]["one-device"]},
-        "test accuracy",
-    )
-    ax.set_title(f"sync ({d['dataset']})")
+    labels = {"per-device": "per-device BN (8x4)", "synchronized": "synchronized BN (8x4)",
+              "one-device": "one device, batch 32"}
+    plot_accuracy_curves(result, fig, labels, "sync")
+

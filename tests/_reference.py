@@ -1,0 +1,246 @@
+"""The float64 numpy reference for batch normalization, written from the formulas.
+
+It shares no code with jaxbn. Every test that compares jaxbn with an independent truth uses it,
+and ``tests/test_reference.py`` checks it in turn: gradients against central finite
+differences, statistics and outputs against closed forms, and a negative control that shows
+the finite-difference check rejects a wrong gradient.
+
+Conventions (jaxbn's): ``axis`` is the feature axis or a tuple of feature axes, every other
+axis is reduced. ``mask`` is bool and broadcastable to ``x``; only its True entries count
+toward the statistics, but every entry is normalized. Variances are biased (divide by the
+count) unless ``ddof`` says otherwise. The running statistics follow the EMA
+``new = momentum * old + (1 - momentum) * batch``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+EPS = 1e-5
+
+Axis = int | tuple[int, ...]
+
+
+def feature_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
+    """The feature axes, non-negative and sorted."""
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    return tuple(sorted(a % ndim for a in axes))
+
+
+def reduction_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
+    """Every axis that is not a feature axis."""
+    features = feature_axes(ndim, axis)
+    return tuple(a for a in range(ndim) if a not in features)
+
+
+def feature_shape(shape: tuple[int, ...], axis: Axis) -> tuple[int, ...]:
+    """The shape of the per-feature statistics of an input of ``shape``."""
+    return tuple(shape[a] for a in feature_axes(len(shape), axis))
+
+
+def to_input(values: ArrayLike, shape: tuple[int, ...], axis: Axis) -> np.ndarray:
+    """A feature-shaped array reshaped to broadcast against an input of ``shape``."""
+    features = feature_axes(len(shape), axis)
+    return np.reshape(values, [d if a in features else 1 for a, d in enumerate(shape)])
+
+
+def _weights(x: np.ndarray, mask: ArrayLike | None) -> np.ndarray:
+    """1.0 for the entries that count toward the statistics, 0.0 for the others."""
+    return np.ones(x.shape) if mask is None else np.broadcast_to(np.asarray(mask), x.shape) * 1.0
+
+
+def moments(
+    x: ArrayLike, axis: Axis = -1, mask: ArrayLike | None = None, ddof: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per feature: the mean, the variance (``Σ(x - mean)² / (n - ddof)``) and the count ``n``
+    of the valid entries. A feature with ``n <= ddof`` valid entries gets the sum itself
+    (mean 0 and variance 0 when nothing is valid); its count says so."""
+    x = np.asarray(x, np.float64)
+    reduce = reduction_axes(x.ndim, axis)
+    weights = _weights(x, mask)
+    count = weights.sum(axis=reduce)
+    mean = (x * weights).sum(axis=reduce) / np.maximum(count, 1)
+    centred = x - to_input(mean, x.shape, axis)
+    var = (centred**2 * weights).sum(axis=reduce) / np.maximum(count - ddof, 1)
+    return mean, var, count
+
+
+def normalize(
+    x: ArrayLike,
+    mean: ArrayLike,
+    var: ArrayLike,
+    axis: Axis = -1,
+    scale: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    eps: float = EPS,
+) -> np.ndarray:
+    """``scale * (x - mean) / sqrt(var + eps) + bias`` with per-feature statistics."""
+    x = np.asarray(x, np.float64)
+
+    def per_feature(values: ArrayLike) -> np.ndarray:
+        return to_input(np.asarray(values, np.float64), x.shape, axis)
+
+    y = (x - per_feature(mean)) / np.sqrt(per_feature(var) + eps)
+    if scale is not None:
+        y = y * per_feature(scale)
+    if bias is not None:
+        y = y + per_feature(bias)
+    return y
+
+
+def batch_norm(
+    x: ArrayLike,
+    axis: Axis = -1,
+    scale: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
+    eps: float = EPS,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training mode: the output normalized with the batch statistics, and those statistics
+    (mean, biased variance)."""
+    mean, var, _ = moments(x, axis, mask)
+    return normalize(x, mean, var, axis, scale, bias, eps), mean, var
+
+
+def grads(
+    x: ArrayLike,
+    dy: ArrayLike,
+    axis: Axis = -1,
+    scale: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
+    eps: float = EPS,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The gradients of ``sum(dy * y)``, ``y`` from :func:`batch_norm`, with respect to
+    ``x``, ``scale`` and ``bias``.
+
+    μ and σ = sqrt(var + eps) depend only on the valid entries (m = 1), but every entry is
+    normalized with them, so for entry i (n = number of valid entries, x̂ = (x - μ)/σ)::
+
+        dx_i = scale/σ · (dy_i − m_i · Σ dy / n − m_i · x̂_i · Σ dy·x̂ / n)
+
+    the textbook ``scale/σ · (dy − mean(dy) − x̂·mean(dy·x̂))`` without a mask, and the direct
+    path ``dy · scale/σ`` alone for a masked-out entry.
+    """
+    x = np.asarray(x, np.float64)
+    dy = np.asarray(dy, np.float64)
+    reduce = reduction_axes(x.ndim, axis)
+    weights = _weights(x, mask)
+    mean, var, count = moments(x, axis, mask)
+
+    def per_feature(values: ArrayLike) -> np.ndarray:
+        return to_input(values, x.shape, axis)
+
+    sigma = np.sqrt(var + eps)
+    x_hat = (x - per_feature(mean)) / per_feature(sigma)
+    sum_dy = per_feature(dy.sum(axis=reduce))
+    sum_dy_x_hat = per_feature((dy * x_hat).sum(axis=reduce))
+    n = per_feature(count)
+    gain = np.ones(sigma.shape) if scale is None else np.asarray(scale, np.float64)
+    dx = per_feature(gain / sigma) * (
+        dy - weights * sum_dy / n - weights * x_hat * sum_dy_x_hat / n
+    )
+    return dx, (dy * x_hat).sum(axis=reduce), dy.sum(axis=reduce)
+
+
+def ema(old: ArrayLike, batch: ArrayLike, momentum: float) -> np.ndarray:
+    """The running-statistics update ``momentum * old + (1 - momentum) * batch``."""
+    return momentum * np.asarray(old, np.float64) + (1 - momentum) * np.asarray(batch, np.float64)
+
+
+class TrainStep(NamedTuple):
+    """One training step of an affine batch norm and the gradients of ``sum(y * dy)``."""
+
+    y: np.ndarray  # like x
+    mean: np.ndarray  # the new running mean (feature-shaped)
+    var: np.ndarray  # the new running variance (feature-shaped)
+    dx: np.ndarray  # like x
+    dscale: np.ndarray  # feature-shaped
+    dbias: np.ndarray  # feature-shaped
+
+
+def train_step(
+    x: ArrayLike,
+    dy: ArrayLike,
+    *,
+    scale: ArrayLike,
+    bias: ArrayLike,
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    momentum: float,
+    axis: Axis = -1,
+    mask: ArrayLike | None = None,
+    eps: float = EPS,
+) -> TrainStep:
+    """:func:`batch_norm`, :func:`ema` and :func:`grads` together: what one training step of
+    ``jaxbn.batch_norm`` computes, and what the gradient of a linear loss is."""
+    y, mean, var = batch_norm(x, axis, scale, bias, mask, eps)
+    dx, dscale, dbias = grads(x, dy, axis, scale, mask, eps)
+    return TrainStep(
+        y=y,
+        mean=ema(running_mean, mean, momentum),
+        var=ema(running_var, var, momentum),
+        dx=dx,
+        dscale=dscale,
+        dbias=dbias,
+    )
+
+
+def ghost_batch_norm(
+    x: ArrayLike, size: int, axis: Axis = -1, mask: ArrayLike | None = None, eps: float = EPS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ghost batches of ``size`` along axis 0, each normalized with its own statistics (no
+    affine); also the mean over the groups with a valid entry of their means and variances,
+    which is what the running statistics are updated with."""
+    x = np.asarray(x, np.float64)
+    mask = None if mask is None else np.broadcast_to(np.asarray(mask), x.shape)
+    outputs, means, variances = [], [], []
+    for start in range(0, x.shape[0], size):
+        group = slice(start, start + size)
+        group_mask = None if mask is None else mask[group]
+        mean, var, count = moments(x[group], axis, group_mask)
+        outputs.append(normalize(x[group], mean, var, axis, eps=eps))
+        if np.all(count > 0):
+            means.append(mean)
+            variances.append(var)
+    return np.concatenate(outputs), np.mean(means, axis=0), np.mean(variances, axis=0)
+
+
+class Renorm(NamedTuple):
+    """The intermediate values of Batch Renormalization, per feature (``x_tilde`` like x)."""
+
+    mean: np.ndarray  # the batch mean μ_B
+    var: np.ndarray  # the biased batch variance
+    r: np.ndarray  # clip(σ_B / σ, 1/r_max, r_max)
+    d: np.ndarray  # clip((μ_B - μ) / σ, -d_max, d_max)
+    x_tilde: np.ndarray  # (x - μ_B) / σ_B
+    sigma: np.ndarray  # σ_B = sqrt(var + eps)
+
+
+def batch_renorm(
+    x: ArrayLike,
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    scale: ArrayLike,
+    bias: ArrayLike,
+    r_max: float,
+    d_max: float,
+    axis: Axis = -1,
+    mask: ArrayLike | None = None,
+    eps: float = EPS,
+) -> tuple[np.ndarray, Renorm]:
+    """Batch Renormalization (Ioffe 2017) in training mode:
+    ``y = scale * (x̃ · r + d) + bias``; also returns the intermediate values."""
+    x = np.asarray(x, np.float64)
+    mean, var, _ = moments(x, axis, mask)
+    sigma_batch = np.sqrt(var + eps)
+    sigma = np.sqrt(np.asarray(running_var, np.float64) + eps)
+    r = np.clip(sigma_batch / sigma, 1 / r_max, r_max)
+    d = np.clip((mean - np.asarray(running_mean, np.float64)) / sigma, -d_max, d_max)
+    x_tilde = normalize(x, mean, var, axis, eps=eps)
+    y = normalize(x, mean, var, axis, np.asarray(scale, np.float64) * r, eps=eps)
+    y = y + to_input(np.asarray(scale, np.float64) * d + np.asarray(bias, np.float64),
+                     x.shape, axis)
+    return y, Renorm(mean, var, r, d, x_tilde, sigma_batch)
