@@ -14,16 +14,9 @@ import _reference as ref
 import numpy as np
 import pytest
 
-STEP = 1e-6  # central differences of float64 functions of values of size ~1: error ~1e-10
-
 
 def _numeric_gradient(loss: Callable[[np.ndarray], float], at: np.ndarray) -> np.ndarray:
-    gradient = np.zeros_like(at)
-    for index in np.ndindex(*at.shape):
-        step = np.zeros_like(at)
-        step[index] = STEP
-        gradient[index] = (loss(at + step) - loss(at - step)) / (2 * STEP)
-    return gradient
+    return ref.jacobian(loss, [at], 0)
 
 
 def _problem(shape: tuple[int, ...], axis: ref.Axis, mask_kind: str | None, seed: int = 0):
@@ -62,6 +55,24 @@ def test_gradients_match_finite_differences(shape, axis, mask_kind):
     np.testing.assert_allclose(dscale, _numeric_gradient(lambda v: loss(scale=v), scale),
                                atol=1e-7)
     np.testing.assert_allclose(dbias, _numeric_gradient(lambda v: loss(bias=v), bias), atol=1e-7)
+
+
+def test_second_derivatives_of_the_analytic_gradient_are_symmetric():
+    """The Hessian of a loss is symmetric: the finite-difference Jacobian of :func:`grads`
+    (the second-order truth of tests/test_autodiff.py) must be, and its directional
+    derivative must be that Jacobian applied to the direction."""
+    x, dy, scale, _, mask = _problem((5, 2), -1, "rows")
+    v = np.random.default_rng(1).normal(size=x.shape)
+
+    def dx(x):
+        return ref.grads(x, dy, -1, scale, mask)[0]
+
+    hessian = ref.jacobian(dx, [x], 0).reshape(x.size, x.size)
+    np.testing.assert_allclose(hessian, hessian.T, atol=1e-7)
+    assert np.max(np.abs(hessian)) > 0.1  # not trivially symmetric
+    np.testing.assert_allclose(
+        ref.directional_derivative(dx, [x], [v]).ravel(), hessian @ v.ravel(), atol=1e-7
+    )
 
 
 def test_finite_differences_reject_wrong_gradients():
