@@ -2,6 +2,7 @@
 
 import functools
 import json
+import re
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ import jaxbn
 import jaxbn.linen
 from experiments import bench
 from experiments.bench.command import _bandwidth, _merge
-from experiments.bench.layers import layer_passes
+from experiments.bench.layers import _layers, layer_passes, residuals
 from experiments.bench.networks import step_config
 from experiments.bench.worker import run_in_fresh_process
 from experiments.hlo import count_collectives, count_passes
@@ -174,6 +175,57 @@ def test_jaxbn_makes_no_more_passes_per_element_under_vmap(toy_passes):
         assert row["vmap_train_fwd_bwd"]["jaxbn"] <= without_vmap
 
 
+def test_jaxbn_keeps_only_x_for_the_backward(toy_passes):
+    # Reverse mode keeps x itself, in its own dtype, and per-feature float32 vectors (mean,
+    # 1/σ, scale): x's bytes plus O(features), and no float32 copy of a bfloat16 x, as the
+    # custom VJP it replaced did. flax keeps two arrays of x's size, float32 ones for a
+    # bfloat16 x (4x its bytes): the contrast shows the count can see a copy.
+    for row, (_, shape, axis, dtype_name) in zip(toy_passes, TOY_SHAPES, strict=True):
+        kept = row["residuals"]
+        x_bytes = row["numel"] * row["itemsize"]
+        print(f"{row['shape']}: residuals / x bytes: jaxbn {kept['jaxbn']['over_x']:.3f} "
+              f"{kept['jaxbn']['arrays']}; flax {kept['flax']['over_x']:.3f} "
+              f"{kept['flax']['arrays']}")
+        assert kept["jaxbn"]["full_size"] == 1
+        assert kept["jaxbn"]["f32_copies_of_bf16"] == 0
+        assert [list(shape), dtype_name] in kept["jaxbn"]["arrays"]  # x itself
+        assert kept["jaxbn"]["bytes"] <= x_bytes + 4 * shape[axis] * 4
+        assert kept["flax"]["full_size"] == 2
+        if dtype_name == "bfloat16":
+            assert kept["flax"]["f32_copies_of_bf16"] == 2
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("impl", ["jaxbn", "flax"])
+def test_residuals_are_what_linearize_saves_and_the_compiled_forward_returns(impl, dtype):
+    # The bench's residuals (the arrays the vjp closure holds) are the arrays jax.linearize
+    # saves, and the buffers XLA writes out when a jitted program returns them.
+    layer = _layers(-1, len(SHAPE), SHAPE[-1])[impl]
+    x = jax.ShapeDtypeStruct(SHAPE, dtype)
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), jaxbn.init(16)[0])
+    with jax.numpy_dtype_promotion("standard"):  # flax promotes a bfloat16 x
+        measured = residuals(layer.train, x, params, layer.stats)["arrays"]
+
+        def saved(x, params):
+            _, linear = jax.linearize(lambda x, p: layer.train(x, p, layer.stats), x, params)
+            return list({id(leaf): leaf for leaf in jax.tree.leaves(linear)}.values())
+
+        def returned(x, params):
+            _, backward = jax.vjp(lambda x, p: layer.train(x, p, layer.stats), x, params)
+            return list({id(leaf): leaf for leaf in jax.tree.leaves(backward)}.values())
+
+        linearized = jax.eval_shape(saved, x, params)
+        hlo = _hlo(returned, x, params)
+    entry = hlo[hlo.index("\nENTRY"):]
+    root = next(line for line in entry.splitlines() if line.strip().startswith("ROOT"))
+    xla_names = {"f32": "float32", "bf16": "bfloat16", "s32": "int32"}
+    outputs = [[[int(d) for d in dims.split(",") if d], xla_names[name]]
+               for name, dims in re.findall(r"(\w+)\[([\d,]*)\]", root.split(" tuple(")[0])]
+    # The same arrays, in whatever order.
+    assert sorted(outputs) == sorted(measured)
+    assert sorted([list(a.shape), a.dtype.name] for a in linearized) == sorted(measured)
+
+
 TOY_MLP = {"depth": 2, "width": 8, "batch": 4}
 TOY_RESNET = {"stage_sizes": [1], "num_filters": 4, "batch": 2, "size": 16, "num_classes": 10}
 
@@ -269,6 +321,7 @@ def test_the_benchmark_runs_at_toy_size(tmp_path, capsys):
         assert row["vmap_passes_train_fwd_bwd"]["proxy"] == {
             "without_vmap": 7.0, "under_vmap": 7.0
         }
+        assert row["residuals"]["jaxbn"]["full_size"] == 1
     bandwidth = saved["bandwidth"]
     assert bandwidth["shape"] == "toy NCHW bf16" and bandwidth["bytes_per_pass"] == 128
     assert all(v > 0 for by_impl in bandwidth["bytes_per_s"].values() for v in by_impl.values())
@@ -283,7 +336,7 @@ def test_the_benchmark_runs_at_toy_size(tmp_path, capsys):
     for model, norms in (("mlp", {"none", "jaxbn", "flax"}), ("resnet50", {"jaxbn", "flax"})):
         assert set(saved["compile"][model]["compile_s"]) == norms
         assert saved["compile"][model]["compile_jaxbn_over_flax"] > 0
-    assert "jaxbn/flax" in printed and "trace+lower" in printed
+    assert "jaxbn/flax" in printed and "trace+lower" in printed and "residuals kept" in printed
     assert saved["folding"]["max_abs_diff"] <= 1e-5
 
 

@@ -559,7 +559,7 @@ def _layer_stack(layers: int, mesh, use_flax: bool = False, check_vma: bool = Tr
 
 
 def test_collectives_in_compiled_hlo():
-    """One collective per layer forward, at most one more backward, read from optimized HLO.
+    """One collective per layer forward and exactly one more backward, from optimized HLO.
 
     The counts are asserted, not the kinds (an all-gather of per-device moments and an
     all-reduce of shifted sums are both one collective). Measured with jax 0.10.2 on CPU, one
@@ -574,6 +574,9 @@ def test_collectives_in_compiled_hlo():
     With check_vma=False JAX inserts no psum of its own: the backward collective must come
     from jaxbn. dx needs sums over all devices, so a backward pass with no collective at all
     is a wrong gradient (a25782f's all_gather(to='invarying') transposes to a local slice).
+    The custom JVP (jaxbn/_train.py) keeps the custom VJP's counts: its tangent's one psum
+    of (Σdy, Σdy·x̂), transposed, is the backward's only collective, with or without the
+    params' gradients and in every layer of a stack (1 forward, 2 forward+backward per layer).
     """
     mesh = _mesh((DEVICES,), ("batch",))
     one = _layer_stack(1, mesh)
@@ -587,10 +590,7 @@ def test_collectives_in_compiled_hlo():
         f"flax.linen.BatchNorm (fast variance) 1 layer: {flax_one}"
     )
     print(report)
-    assert total(one["forward"]) == 1, report
-    assert total(one["grad_x"]) <= 2, report
-    assert total(one["grad_x_params"]) == 2, report
-    assert total(three["forward"]) <= 3, report
-    assert total(three["grad_x"]) <= 6, report
-    assert total(unchecked["forward"]) == 1, report
-    assert total(unchecked["grad_x"]) == 2, report
+    for layers, counts in ((1, one), (3, three), (1, unchecked)):
+        assert total(counts["forward"]) == layers, report
+        assert total(counts["grad_x"]) == 2 * layers, report
+        assert total(counts["grad_x_params"]) == 2 * layers, report

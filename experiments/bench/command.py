@@ -129,8 +129,8 @@ def measure(
 
     Returns:
       A JSON-able dict: the environment, ``layers`` (per shape: times, ratios, passes,
-      passes under vmap), ``bandwidth``, ``collectives_per_layer_shard_map``, ``steps``,
-      ``compile`` and ``folding``.
+      passes under vmap, the residuals kept for the backward), ``bandwidth``,
+      ``collectives_per_layer_shard_map``, ``steps``, ``compile`` and ``folding``.
 
     Raises:
       ValueError: if ``processes`` or ``compile_processes`` is below 1.
@@ -202,6 +202,7 @@ def _layer_row(
     merged = _merge(timings)
     for mode in MODES:
         row[mode] = merged[mode] | {"passes": passes["passes"][mode]}
+    row["residuals"] = passes["residuals"]
     row["vmap_passes_train_fwd_bwd"] = {
         impl: {"without_vmap": passes["passes"]["train_fwd_bwd"][impl]["total"],
                "under_vmap": passes["vmap_train_fwd_bwd"][impl]}

@@ -1,11 +1,12 @@
-"""One layer, measured: times against an elementwise proxy, HLO passes, collectives.
+"""One layer, measured: times against an elementwise proxy, HLO passes, residuals, collectives.
 
 Batch norm is memory-bound, so every time is reported as a multiple of an elementwise proxy
 (``x * a + b`` per feature, and its VJP) timed side by side in the same process: the ratio
 says how many "elementwise passes" a layer costs, and it survives a noisy shared machine far
 better than raw milliseconds. The optimized HLO gives exact counts beside the times:
 full-tensor memory passes (also under ``jax.vmap`` over an ensemble axis), float32 copies of
-a bfloat16 input, and collectives per layer under ``shard_map``.
+a bfloat16 input, and collectives per layer under ``shard_map``; and the residuals that
+reverse mode keeps from the forward for the backward (:func:`residuals`).
 
 Every layer function has the signature ``(x, params, stats, dy)``, whatever the mode and the
 implementation, so that timing, pass counting, ``vmap`` and ``shard_map`` treat them alike
@@ -31,7 +32,7 @@ from ..hlo import count_collectives, count_passes
 from .spec import ENSEMBLE, IMPLS, MODES, Shape
 from .timing import median_ms, median_ratio, time_interleaved
 
-__all__ = ["collectives", "layer_passes", "layer_timings"]
+__all__ = ["collectives", "layer_passes", "layer_timings", "residuals"]
 
 LayerFn = Callable[[Any, Any, Any, Any], Any]  # (x, params, stats, dy) -> outputs
 
@@ -123,6 +124,50 @@ def _optimized_hlo(fn: Callable[..., Any], *args: Any) -> str:
     return text
 
 
+def residuals(
+    train: Callable[[jax.Array, Any, Any], Any], x: Any, params: Any, stats: Any
+) -> dict[str, Any]:
+    """What reverse mode keeps from the training forward for the backward: the residuals.
+
+    They are the arrays held by the closure that ``jax.vjp(f, x, params)`` returns (the
+    leaves of its pytree, each counted once), found from shapes alone with
+    ``jax.eval_shape``. They are what a jitted step keeps between its forward and backward:
+    ``jax.linearize`` saves the same arrays, and the compiled program that returns them
+    writes exactly these buffers (tests/test_bench.py checks it against the optimized HLO).
+
+    Args:
+      train: the layer's training forward, ``(x, params, stats) -> outputs``.
+      x: the input (an array or a ``ShapeDtypeStruct``).
+      params: its parameters (arrays or shapes).
+      stats: its running statistics (arrays or shapes), not differentiated.
+
+    Returns:
+      ``arrays``: ``[shape, dtype name]`` of each residual; ``bytes``: their total;
+      ``over_x``: that total over the bytes of ``x``; ``full_size``: how many have ``x``'s
+      element count; ``f32_copies_of_bf16``: for a bfloat16 ``x``, how many of those are
+      float32 (a float32 copy of ``x``, or of a value of its size), else 0.
+    """
+
+    def kept(x: jax.Array, params: Any, stats: Any) -> list[jax.Array]:
+        _, backward = jax.vjp(lambda x, params: train(x, params, stats), x, params)
+        unique = {id(leaf): leaf for leaf in jax.tree.leaves(backward)}
+        return list(unique.values())
+
+    numel = math.prod(x.shape)
+    arrays = jax.eval_shape(kept, x, params, stats)
+    total = sum(math.prod(a.shape) * a.dtype.itemsize for a in arrays)
+    full = [a for a in arrays if math.prod(a.shape) == numel]
+    return {
+        "arrays": [[list(a.shape), a.dtype.name] for a in arrays],
+        "bytes": total,
+        "over_x": total / (numel * jnp.dtype(x.dtype).itemsize),
+        "full_size": len(full),
+        "f32_copies_of_bf16": (
+            sum(a.dtype == jnp.float32 for a in full) if x.dtype == jnp.bfloat16 else 0
+        ),
+    }
+
+
 def layer_timings(shapes: list[Shape], rounds: int) -> list[dict[str, Any]]:
     """Per shape and mode: the median times of every implementation, in this process.
 
@@ -158,7 +203,8 @@ def layer_timings(shapes: list[Shape], rounds: int) -> list[dict[str, Any]]:
 
 
 def layer_passes(shapes: list[Shape], ensemble: int = ENSEMBLE) -> list[dict[str, Any]]:
-    """Per shape: full-tensor passes of every implementation and mode, from optimized HLO.
+    """Per shape: full-tensor passes of every implementation and mode, from optimized HLO,
+    and the residuals each keeps for its backward (:func:`residuals`).
 
     Nothing is allocated: the programs are lowered from shapes alone.
 
@@ -172,7 +218,8 @@ def layer_passes(shapes: list[Shape], ensemble: int = ENSEMBLE) -> list[dict[str
       implementation (``total`` reads and writes in units of the input, and
       ``f32_copies_of_bf16``: float32 arrays of the input's size written, bfloat16 only);
       ``vmap_train_fwd_bwd`` per implementation: the passes per element of the ensemble's
-      input (its ``ensemble`` times larger element count) under ``jax.vmap``.
+      input (its ``ensemble`` times larger element count) under ``jax.vmap``;
+      ``residuals`` per implementation (:func:`residuals`).
     """
     out = []
     for label, shape, axis, dtype_name in shapes:
@@ -182,7 +229,7 @@ def layer_passes(shapes: list[Shape], ensemble: int = ENSEMBLE) -> list[dict[str
         params = _abstract(jaxbn.init(shape[axis])[0])
         row: dict[str, Any] = {
             "shape": label, "numel": numel, "itemsize": dtype.itemsize,
-            "passes": {mode: {} for mode in MODES}, "vmap_train_fwd_bwd": {},
+            "passes": {mode: {} for mode in MODES}, "vmap_train_fwd_bwd": {}, "residuals": {},
         }
         for impl, layer in _layers(axis, len(shape), shape[axis]).items():
             args = (x, params, _abstract(layer.stats), x)
@@ -195,6 +242,7 @@ def layer_passes(shapes: list[Shape], ensemble: int = ENSEMBLE) -> list[dict[str
             vmapped = jax.vmap(_mode_functions(layer)["train_fwd_bwd"])
             hlo = _optimized_hlo(vmapped, *_abstract(args, (ensemble,)))
             row["vmap_train_fwd_bwd"][impl] = count_passes(hlo, ensemble * numel).total
+            row["residuals"][impl] = residuals(layer.train, x, params, _abstract(layer.stats))
         out.append(row)
     return out
 

@@ -30,6 +30,7 @@ def print_report(results: dict[str, Any]) -> None:
     for row in results["layers"]:
         _print_layer(row)
     _print_vmap_passes(results["layers"])
+    _print_residuals(results["layers"])
     _print_bandwidth(results["bandwidth"])
     print("\ncollectives per layer under shard_map (8 devices):",
           json.dumps(results["collectives_per_layer_shard_map"]))
@@ -66,6 +67,20 @@ def _print_vmap_passes(layers: list[dict[str, Any]]) -> None:
         cells = "".join(
             f"{passes[impl]['without_vmap']:>8.1f} ->{passes[impl]['under_vmap']:>5.1f}"
             for impl in IMPLS
+        )
+        print(f"  {row['shape']:{width}s}{cells}")
+
+
+def _print_residuals(layers: list[dict[str, Any]]) -> None:
+    print("\nresiduals kept from the training forward for the backward, in bytes of the input "
+          "(arrays of its size; * marks a float32 one for a bfloat16 input)")
+    width = max(len(row["shape"]) for row in layers) + 2
+    print(f"  {'shape':{width}s}" + "".join(f"{impl:>16s}" for impl in IMPLS))
+    for row in layers:
+        cells = "".join(
+            f"{kept['over_x']:>10.3f}x ({kept['full_size']}"
+            f"{'*' * kept['f32_copies_of_bf16']:<2s})"
+            for kept in (row["residuals"][impl] for impl in IMPLS)
         )
         print(f"  {row['shape']:{width}s}{cells}")
 
