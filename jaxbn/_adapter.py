@@ -25,6 +25,7 @@ __all__ = [
     "bound_normalizer",
     "check_features",
     "check_use_running_average",
+    "check_variables",
     "normalize_with_fields",
     "output_dtype",
     "stored",
@@ -89,6 +90,8 @@ def normalize_with_fields(
     variance is 0.
     """
     real = stats_dtype(var.dtype)
+    if is_complex(var.dtype):  # flax.nnx promotes every statistic to a complex x's dtype
+        var = var.real
     state = BatchStats(
         mean=mean.astype(with_kind(real, is_complex(x.dtype) or is_complex(mean.dtype))),
         var=var.astype(real),
@@ -147,6 +150,21 @@ def check_features(
             f"layer with {argument}={got[0] if len(got) == 1 else got}, or pass `axis` for "
             f"the feature axis of `x`."
         )
+
+
+def check_variables(
+    expected: tuple[int, ...], where: str, **variables: jax.Array | None
+) -> None:
+    """Each of the module's ``variables`` has the feature shape ``expected``: a stale
+    checkpoint, or a variable set by hand, is named as the module names it."""
+    for name, value in variables.items():
+        if value is not None and tuple(value.shape) != expected:
+            raise ValueError(
+                f"`{name}` {where} has shape {tuple(value.shape)}, but `x` has "
+                f"{expected[0] if len(expected) == 1 else expected} features along `axis`: it "
+                f"belongs to a layer of another size. Load variables made for this input, or "
+                f"re-initialize the layer."
+            )
 
 
 def stored(new: jax.Array, old: jax.Array) -> jax.Array:

@@ -85,9 +85,7 @@ def with_shape(lay: Layout, shape: tuple[int, ...]) -> Layout:
     return lay._replace(feature_shape=feature_shape, broadcast_shape=broadcast_shape)
 
 
-def check_params(
-    params: Mapping[str, Any] | None, feature_shape: tuple[int, ...], x_shape: tuple[int, ...]
-) -> None:
+def check_params(params: Mapping[str, Any] | None, lay: Layout, x_shape: tuple[int, ...]) -> None:
     """``params`` holds ``scale``/``bias`` of the feature shape, or of ``x``'s rank and
     broadcastable to ``x`` (per-example parameters, for conditional normalization)."""
     if params is None:
@@ -106,12 +104,13 @@ def check_params(
         if value is None:
             continue
         shape = tuple(np.shape(value))
+        feature_shape = lay.feature_shape
         if shape != feature_shape and not is_broadcastable(shape, x_shape):
             raise ValueError(
                 f'`params["{key}"]` must have the feature shape {feature_shape} of `x` along '
                 f"`axis` (create it with jaxbn.init({feature_shape})), or, for per-example "
                 f"(conditional) parameters, the rank of `x` and a shape that broadcasts to "
-                f"its shape {x_shape}, such as {_conditional_example(feature_shape, x_shape)}; "
+                f"its shape {x_shape}, such as {_conditional_example(lay, x_shape)}; "
                 f"got shape {shape}."
             )
 
@@ -123,12 +122,13 @@ def is_broadcastable(shape: tuple[int, ...], x_shape: tuple[int, ...]) -> bool:
     )
 
 
-def _conditional_example(feature_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> str:
-    """A per-example parameter shape for ``x``: the batch size, the features, else 1."""
-    kept = list(feature_shape)
-    shape = [x_shape[0] if x_shape else 1]
-    for size in x_shape[1:]:
-        shape.append(kept.pop(0) if kept and size == kept[0] else 1)
+def _conditional_example(lay: Layout, x_shape: tuple[int, ...]) -> str:
+    """A per-example parameter shape for ``x``: the batch size on the first reduced axis,
+    the feature sizes on the feature axes, 1 elsewhere."""
+    shape = list(lay.broadcast_shape)
+    if lay.reduction_axes:
+        batch_axis = lay.reduction_axes[0]
+        shape[batch_axis] = x_shape[batch_axis]
     return str(tuple(shape))
 
 

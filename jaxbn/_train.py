@@ -164,14 +164,15 @@ def _tangent(
             u = u + dbias.astype(dtype)
         if dscale is not None:
             v = v + dscale.astype(dtype)
-        u, v = _vary_like(x, u, v)
+        if _varying(x) - (_varying(u) | _varying(v)):  # one cast for both: one collective
+            u, v = _vary_like(x, jnp.stack((u, v)))
         terms += [u, x_hat * v]
     else:
         terms.append(-s * (a.astype(dtype) + x_hat * b.astype(dtype)) * inv_n.astype(dtype))
         if dscale is not None:
             terms.append(x_hat * dscale.astype(dtype))
         if dbias is not None:
-            terms.append(dbias.astype(dtype))
+            terms.append(_vary_like(x, dbias.astype(dtype)))
     # Every term with x's shape and sharding type (explicit-sharding jit types them).
     sharding = jax.typeof(x).sharding
     full = [jnp.broadcast_to(t, x.shape, out_sharding=sharding) for t in terms]
@@ -222,19 +223,18 @@ def _synced(sync: Sync, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Arra
     return total[0], total[1]
 
 
-def _vary_like(x: jax.Array, u: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``u`` and ``v`` cast to vary over every manual mesh axis ``x`` varies over, in one op.
+def _vary_like(x: jax.Array, value: jax.Array) -> jax.Array:
+    """``value`` cast to vary over every manual mesh axis ``x`` varies over, in one op.
 
-    Combining a device-invariant value with ``x`` would insert that cast implicitly, once
-    per operand; its transpose is a ``psum``. Casting the two stacked keeps the backward at
-    one collective. Without such axes (no sync, or vmap/pmap) nothing is stacked, which
-    would cost kernels.
+    Combining a device-invariant value with ``x`` inserts that cast implicitly, once per
+    operand; its transpose is a ``psum``. The per-feature terms ``u`` and ``v`` are cast as
+    one stack, which keeps the backward at one collective (stacked only then: a stack costs
+    kernels).
     """
-    missing = _varying(x) - (_varying(u) | _varying(v))
+    missing = _varying(x) - _varying(value)
     if not missing:
-        return u, v
-    stacked = lax.pcast(jnp.stack((u, v)), tuple(sorted(missing, key=str)), to="varying")
-    return stacked[0], stacked[1]
+        return value
+    return lax.pcast(value, tuple(sorted(missing, key=str)), to="varying")
 
 
 def _varying(value: jax.Array) -> frozenset[Hashable]:
