@@ -12,11 +12,10 @@ from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
 from ._batch_norm import batch_norm
-from ._checks import layout
+from ._checks import check_bool, layout
 from ._dtypes import is_complex, real_dtype, stats_dtype, wider_float, with_kind
 from ._renorm import batch_renorm
 from ._state import BatchStats
@@ -126,14 +125,12 @@ def normalize_with_fields(
 
 def check_use_running_average(value: Any) -> bool:
     """``use_running_average`` is a Python bool (it picks the code path when tracing)."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(
-            f"`use_running_average` must be a Python bool (True: running statistics; False: "
-            f"batch statistics and an update), got {type(value).__name__} {value!r}. It "
-            f"selects the code path when tracing, so it cannot be a traced value: pass it as "
-            f"a static argument."
-        )
-    return bool(value)
+    return check_bool(
+        value,
+        "use_running_average",
+        "True: running statistics; False: batch statistics and an update",
+        "pass it as a static argument",
+    )
 
 
 def check_features(

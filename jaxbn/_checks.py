@@ -29,15 +29,28 @@ class Layout(NamedTuple):
     broadcast_shape: tuple[int, ...]  # feature vectors reshaped to broadcast against x
 
 
-def check_training(training: Any) -> bool:
-    if not isinstance(training, (bool, np.bool_)):
+def check_bool(value: Any, name: str, meaning: str, fix: str) -> bool:
+    """``value`` is a Python bool: it picks a code path when tracing, so it cannot be traced.
+
+    ``meaning`` says what True and False do, ``fix`` how to keep the value static; both go
+    into the error, in the caller's own words.
+    """
+    if not isinstance(value, (bool, np.bool_)):
         raise TypeError(
-            f"`training` must be a Python bool (True: batch statistics and a state update; "
-            f"False: running statistics), got {type(training).__name__} {training!r}. It "
-            f"selects the code path at trace time, so it cannot be a traced value: mark it "
-            f"static (jax.jit(..., static_argnames='training'))."
+            f"`{name}` must be a Python bool ({meaning}), got {type(value).__name__} "
+            f"{value!r}. It selects the code path at trace time, so it cannot be a traced "
+            f"value: {fix}."
         )
-    return bool(training)
+    return bool(value)
+
+
+def check_training(training: Any) -> bool:
+    return check_bool(
+        training,
+        "training",
+        "True: batch statistics and a state update; False: running statistics",
+        "mark it static (jax.jit(..., static_argnames='training'))",
+    )
 
 
 def check_input(x: jax.Array) -> None:
@@ -227,11 +240,7 @@ def check_axis_name(axis_name: AxisName | None, axis_index_groups: Any) -> None:
 
 
 def check_flag(name: str, value: Any) -> None:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(
-            f"`{name}` must be a Python bool, got {type(value).__name__} {value!r}. It selects "
-            f"the update rule at trace time, so it cannot be a traced value."
-        )
+    check_bool(value, name, "it selects the update rule", "pass True or False")
 
 
 def check_virtual_batch_size(virtual_batch_size: Any) -> None:

@@ -24,7 +24,7 @@ from ._checks import AxisName
 from ._copies import cpu_copies, sum_then_cast
 from ._dtypes import is_complex, stats_dtype
 from ._moments import combine, local_moments, mean_and_var, sync_sum, widened_reads
-from ._normalize import coefficients, compute_dtype, scale_shift
+from ._normalize import coefficients, compute_dtype, multiplier, scale_shift
 
 __all__ = ["Sync", "normalize_training"]
 
@@ -138,7 +138,7 @@ def _tangent(
     dtype = compute_dtype(x.dtype, mean, scale, dbias)
     real = not is_complex(dtype)
     inv_n = _inverse_count(sync, x, mask, count)
-    s = _multiplier(inv_std, scale, dtype)
+    s = multiplier(inv_std, scale, dtype)
     # Σ x̂·dx and the output's x̂ are different kernels: each gets its own copy of x, mean
     # and inv_std on XLA:CPU (cpu_copies), so that no shared widening or broadcast is
     # written out.
@@ -190,11 +190,6 @@ def _inverse_count(
         entries = math.prod(x.shape[a] for a in sync.reduction_axes)
         return jnp.asarray(1.0 / max(entries, 1), count.dtype)
     return jnp.reciprocal(jnp.maximum(count, 1))
-
-
-def _multiplier(inv_std: jax.Array, scale: jax.Array | None, dtype: Any) -> jax.Array:
-    s = inv_std.astype(dtype)
-    return s if scale is None else s * scale.astype(dtype)
 
 
 def _x_hat(x: jax.Array, mean: jax.Array, inv_std: jax.Array, dtype: Any) -> jax.Array:
