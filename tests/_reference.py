@@ -182,7 +182,7 @@ def grads(
 
 def ema(old: ArrayLike, batch: ArrayLike, momentum: float) -> np.ndarray:
     """The running-statistics update ``momentum * old + (1 - momentum) * batch``."""
-    return momentum * np.asarray(old, np.float64) + (1 - momentum) * np.asarray(batch, np.float64)
+    return momentum * as_float64(old) + (1 - momentum) * as_float64(batch)
 
 
 class TrainStep(NamedTuple):
