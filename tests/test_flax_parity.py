@@ -29,6 +29,7 @@ flax calls (and the flax layers around a drop-in) run under ``standard()``.
 from __future__ import annotations
 
 import itertools
+import re
 import warnings
 
 import _reference as ref
@@ -640,7 +641,7 @@ SHARD_MAP_VMA_BUG = (
     "general path (jaxbn/_train.py _tangent, taken for complex input or a per-example scale) "
     "adds device-invariant per-feature terms (dscale·x̂, dbias) without casting them to vary "
     "over the mesh axis as the real per-feature path does (_vary_like), so the transpose fails: "
-    "'Expected cotangent type ...[2,3] but got ...[2,3]{V:batch}'"
+    "'Expected cotangent type complex64[2,3] but got complex64[2,3]{V:batch}'"
 )
 
 
@@ -771,3 +772,206 @@ def test_pure_function_refuses_to_train_on_one_unbatched_example():
     y, same = jaxbn.batch_norm(x, params, state, training=False)
     assert same is state
     allclose(y, ref.normalize(x, state.mean, state.var))
+
+
+# --------------------------------------------------------------------------------------------
+# Conditional batch norm: per-example scale and bias
+# --------------------------------------------------------------------------------------------
+
+CONDITIONAL_LAYOUTS = {
+    "NHWC": ((6, 3, 2, 4), -1),  # params (6, 1, 1, 4)
+    "NC": ((8, 4), -1),  # params (8, 4)
+    "NCHW": ((6, 4, 3, 2), 1),  # params (6, 4, 1, 1)
+}
+# (scale, bias): per-example, feature-shaped, or of x's rank with size 1 on the batch axis.
+PARAM_KINDS = {
+    "per-example": ("example", "example"),
+    "per-example-scale": ("example", "feature"),
+    "per-example-bias": ("feature", "example"),
+    "shared-rank-n": ("shared", "shared"),
+}
+
+
+def conditional_params(shape, axis, kinds, dtype=np.float32, seed=0):
+    """Random ``{"scale", "bias"}`` of the ``kinds`` of PARAM_KINDS."""
+    rng = np.random.default_rng(seed)
+
+    def make(kind, center):
+        per_example = ref.per_example_shape(shape, axis)
+        param_shape = {
+            "feature": ref.feature_shape(shape, axis),
+            "example": per_example,
+            "shared": (1, *per_example[1:]),
+        }[kind]
+        return jnp.asarray(center + rng.normal(size=param_shape), dtype)
+
+    return {"scale": make(kinds[0], 1.0), "bias": make(kinds[1], 0.0)}
+
+
+def _train_with_grads(x, params, dy, **kwargs):
+    """One jitted training step from init (momentum 0.9): output, new state, and the
+    gradients of ``sum(y * dy)`` with respect to x and params."""
+    _, state = jaxbn.init(ref.feature_shape(x.shape, kwargs.get("axis", -1)))
+
+    def loss(x, params):
+        y, new = jaxbn.batch_norm(x, params, state, training=True, momentum=0.9, **kwargs)
+        return jnp.sum(y.astype(jnp.float32) * dy), (y, new)
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    (_, (y, new)), (dx, dparams) = grad(x, params)
+    return y, new, (dx, dparams["scale"], dparams["bias"])
+
+
+def _assert_grads_match(got, expected, rtol=1e-4):
+    """dx, dscale, dbias within ``rtol`` of the largest expected entry."""
+    for g, e, name in zip(got, expected, ("dx", "dscale", "dbias"), strict=True):
+        assert g.shape == e.shape, (name, g.shape, e.shape)
+        scale = rtol * np.max(np.abs(e))
+        np.testing.assert_allclose(np.asarray(g, np.float64), e, rtol=rtol, atol=scale,
+                                   err_msg=name)
+
+
+@pytest.mark.parametrize("mask_kind", [None, "random"])
+@pytest.mark.parametrize("kinds", list(PARAM_KINDS))
+@pytest.mark.parametrize("layout", list(CONDITIONAL_LAYOUTS))
+def test_conditional_params_match_float64_reference(layout, kinds, mask_kind):
+    """Training with per-example scale and bias: the output, the running statistics (those
+    of plain batch norm: the parameters do not enter them), the gradients with respect to x,
+    scale and bias (of the parameters' shapes), and evaluation."""
+    shape, axis = CONDITIONAL_LAYOUTS[layout]
+    x, dy = data(shape, 0), data(shape, 1, loc=0.0, scale=1.0)
+    params = conditional_params(shape, axis, PARAM_KINDS[kinds])
+    scale, bias = params["scale"], params["bias"]
+    mask = make_mask(mask_kind, shape)
+    y, new, grads = _train_with_grads(x, params, dy, axis=axis, mask=mask)
+    expected, mean, var = ref.batch_norm(x, axis, scale, bias, mask)
+    allclose(y, expected, err_msg="output")
+    allclose(new.mean, ref.ema(0.0, mean, 0.9), err_msg="running mean")
+    allclose(new.var, ref.ema(1.0, var, 0.9), err_msg="running variance")
+    _assert_grads_match(grads, ref.grads(x, dy, axis, scale, mask, bias=bias))
+    y_eval, _ = jaxbn.batch_norm(x, params, new, training=False, axis=axis)
+    allclose(y_eval, ref.normalize(x, new.mean, new.var, axis, scale, bias), err_msg="eval")
+
+
+def test_conditional_params_shared_by_all_examples_equal_feature_shaped_params():
+    """Params of x's rank with size 1 on every reduction axis are the feature-shaped ones."""
+    shape, axis = CONDITIONAL_LAYOUTS["NHWC"]
+    x, dy = data(shape, 0), data(shape, 1)
+    shared = conditional_params(shape, axis, PARAM_KINDS["shared-rank-n"])
+    flat = {k: v.reshape(ref.feature_shape(shape, axis)) for k, v in shared.items()}
+    y, new, grads = _train_with_grads(x, shared, dy)
+    y_flat, new_flat, grads_flat = _train_with_grads(x, flat, dy)
+    assert_close(y, y_flat)
+    jax.tree.map(assert_close, new, new_flat)
+    assert_close(grads[0], grads_flat[0])
+    for got, want in zip(grads[1:], grads_flat[1:], strict=True):
+        assert_close(got.reshape(want.shape), want)
+
+
+@pytest.mark.parametrize("mask_kind", [None, "rows"])
+@pytest.mark.parametrize("kinds", ["per-example", "per-example-scale"])
+def test_conditional_params_with_ghost_batches(kinds, mask_kind):
+    """Ghost batches of 4: each group normalized with its own statistics, then each example's
+    own scale and bias; the gradients against the reference's group by group."""
+    shape, axis = (8, 3, 2, 4), -1
+    x, dy = data(shape, 0), data(shape, 1, loc=0.0, scale=1.0)
+    params = conditional_params(shape, axis, PARAM_KINDS[kinds])
+    scale, bias = params["scale"], params["bias"]
+    mask = make_mask(mask_kind, shape)
+    y, new, grads = _train_with_grads(x, params, dy, mask=mask, virtual_batch_size=4)
+    expected, mean, var = ref.ghost_batch_norm(x, 4, axis, mask, scale=scale, bias=bias)
+    allclose(y, expected, err_msg="output")
+    allclose(new.mean, ref.ema(0.0, mean, 0.9), err_msg="running mean")
+    allclose(new.var, ref.ema(1.0, var, 0.9), err_msg="running variance")
+    _assert_grads_match(grads, ref.ghost_grads(x, dy, 4, axis, scale, mask, bias=bias))
+
+
+@pytest.mark.parametrize("param_dtype", [jnp.bfloat16, jnp.float32])
+def test_conditional_params_in_bfloat16(param_dtype):
+    """bfloat16 input (and params): the output keeps x's dtype, each gradient its input's;
+    against the float64 reference on the very values jaxbn received, within bfloat16
+    rounding."""
+    shape, axis = CONDITIONAL_LAYOUTS["NHWC"]
+    x, dy = data(shape, 0, jnp.bfloat16), data(shape, 1, loc=0.0, scale=1.0)
+    params = conditional_params(shape, axis, PARAM_KINDS["per-example"], param_dtype)
+    y, new, grads = _train_with_grads(x, params, dy)
+    assert y.dtype == jnp.bfloat16 and new.mean.dtype == jnp.float32
+    assert [g.dtype for g in grads] == [jnp.bfloat16, param_dtype, param_dtype]
+    exact = lambda a: np.asarray(a.astype(jnp.float32), np.float64)  # noqa: E731
+    scale, bias = exact(params["scale"]), exact(params["bias"])
+    expected, mean, var = ref.batch_norm(exact(x), axis, scale, bias)
+    allclose(exact(y), expected, BF16_TOL, "output")
+    allclose(new.mean, ref.ema(0.0, mean, 0.9), err_msg="running mean")
+    allclose(new.var, ref.ema(1.0, var, 0.9), err_msg="running variance")
+    _assert_grads_match([exact(g) for g in grads],
+                        ref.grads(exact(x), dy, axis, scale, bias=bias), rtol=2e-2)
+
+
+@pytest.mark.parametrize(
+    ("transform", "split"),
+    [
+        ("vmap", ("scale", "bias")),
+        ("vmap", ("scale",)),
+        ("shard_map", ("scale", "bias")),
+        pytest.param("shard_map", ("scale",), marks=pytest.mark.xfail(
+            strict=True, raises=ValueError, reason=SHARD_MAP_VMA_BUG)),
+    ],
+    ids=["vmap", "vmap-feature-bias", "shard_map", "shard_map-feature-bias"],
+)
+def test_conditional_params_synchronized_equal_the_concatenated_batch(transform, split):
+    """Per-example params split over the devices with the batch (a feature-shaped bias
+    replicated): output and gradients are the float64 reference's on the whole batch."""
+    shape, axis = (16, 4), -1
+    x, dy = data(shape, 0), data(shape, 1, loc=0.0, scale=1.0)
+    kinds = ("example", "example" if "bias" in split else "feature")
+    params = conditional_params(shape, axis, kinds)
+    scale, bias = params["scale"], params["bias"]
+    _, state = jaxbn.init(4)
+    mask = make_mask("random", shape)
+    run = _synchronized_run(transform, state, mask, split)
+    y, states, (dx, dparams) = _loss_and_grads(run, x, params, dy)
+    expected, mean, var = ref.batch_norm(x, axis, scale, bias, mask)
+    allclose(y, expected, err_msg="output")
+    allclose(states.mean, np.broadcast_to(ref.ema(0.0, mean, 0.9), states.mean.shape))
+    allclose(states.var, np.broadcast_to(ref.ema(1.0, var, 0.9), states.var.shape))
+    # _complex_loss of a real y is sum(y * dy) + 0.1 * sum(y²): its gradient in y is
+    # dy + 0.2 * y.
+    _assert_grads_match((dx, dparams["scale"], dparams["bias"]),
+                        ref.grads(x, np.asarray(dy) + 0.2 * expected, axis, scale, mask,
+                                  bias=bias))
+
+
+@pytest.mark.parametrize(
+    ("key", "param_shape"),
+    [
+        ("scale", (6, 4)),  # per-example, but not of x's rank
+        ("scale", (6, 2, 1, 4)),  # x's rank, but 2 does not broadcast to x's 3
+        ("bias", (5,)),  # another feature size
+    ],
+)
+def test_conditional_param_shape_errors_name_the_param_and_the_accepted_shapes(key, param_shape):
+    x = data((6, 3, 2, 4), 0)
+    params, state = jaxbn.init(4)
+    params = {**params, key: jnp.ones(param_shape)}
+    for training in (True, False):
+        with pytest.raises(ValueError, match=(
+            rf'`params\["{key}"\]` must have the feature shape \(4,\) of `x` along `axis` '
+            rf"\(create it with jaxbn.init\(\(4,\)\)\), or, for per-example \(conditional\) "
+            rf"parameters, the rank of `x` and a shape that broadcasts to its shape "
+            rf"\(6, 3, 2, 4\), such as \(6, 1, 1, 4\); got shape "
+            rf"{re.escape(str(param_shape))}\."
+        )):
+            jaxbn.batch_norm(x, params, state, training=training)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="library bug: jaxbn/_checks.py _conditional_example builds its example shape by "
+    "matching sizes, not the feature axes: for x of shape (8, 4, 4, 4) and axis=-1 it "
+    "suggests (8, 4, 1, 1), whose 4 sits on the H axis, instead of (8, 1, 1, 4)",
+)
+def test_conditional_param_shape_error_suggests_the_feature_axes_whatever_the_sizes():
+    x = jnp.ones((8, 4, 4, 4))
+    params, state = jaxbn.init(4)
+    with pytest.raises(ValueError, match=r"such as \(8, 1, 1, 4\);"):
+        jaxbn.batch_norm(x, {**params, "scale": jnp.ones((8, 4))}, state, training=True)
