@@ -966,6 +966,7 @@ def test_conditional_param_shape_errors_name_the_param_and_the_accepted_shapes(k
 
 @pytest.mark.xfail(
     strict=True,
+    raises=AssertionError,
     reason="library bug: jaxbn/_checks.py _conditional_example builds its example shape by "
     "matching sizes, not the feature axes: for x of shape (8, 4, 4, 4) and axis=-1 it "
     "suggests (8, 4, 1, 1), whose 4 sits on the H axis, instead of (8, 1, 1, 4)",
@@ -975,3 +976,85 @@ def test_conditional_param_shape_error_suggests_the_feature_axes_whatever_the_si
     params, state = jaxbn.init(4)
     with pytest.raises(ValueError, match=r"such as \(8, 1, 1, 4\);"):
         jaxbn.batch_norm(x, {**params, "scale": jnp.ones((8, 4))}, state, training=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Errors in the adapters' own vocabulary
+# --------------------------------------------------------------------------------------------
+
+# The core's names, which an adapter's user never wrote.
+CORE_WORDS = ("`training`", "`params", 'params["', "`state", "state.", "jaxbn.init(")
+
+
+def _assert_adapter_words(error: pytest.ExceptionInfo, *names: str) -> None:
+    message = str(error.value)
+    for word in CORE_WORDS:
+        assert word not in message, (word, message)
+    for name in names:
+        assert name in message, (name, message)
+
+
+def test_nnx_feature_mismatch_names_num_features_and_the_fix():
+    layer = jaxbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"`num_features`=3 does not match the input: `x` of "
+                                         r"shape \(8, 4\) has 4 features along `axis`=-1\. "
+                                         r"Build the layer with num_features=4") as error:
+        layer(jnp.ones((8, 4)))
+    _assert_adapter_words(error)
+
+
+@pytest.mark.parametrize("adapter", ["linen", "nnx"])
+def test_traced_use_running_average_names_use_running_average(adapter):
+    x = jnp.ones((8, 4))
+    if adapter == "linen":
+        module = jaxbn.linen.BatchNorm()
+        variables = module.init(jax.random.key(0), x, False)
+
+        def call(flag):
+            return module.apply(variables, x, flag, mutable=["batch_stats"])
+    else:
+        layer = jaxbn.nnx.BatchNorm(4, rngs=nnx.Rngs(0))
+
+        def call(flag):
+            return layer(x, use_running_average=flag)
+
+    with pytest.raises(TypeError, match=r"`use_running_average` must be a Python bool \(True: "
+                                        r"running statistics; False: batch statistics and an "
+                                        r"update\), got .*Tracer.* cannot be a traced value: "
+                                        r"pass it as a static argument") as error:
+        jax.jit(call)(True)
+    _assert_adapter_words(error)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="library bug: jaxbn.linen applied to variables whose batch_stats have another "
+    "feature size raises the core's '`state.mean` must have the feature shape (4,) ... Create "
+    "the state with jaxbn.init((4,))' instead of naming batch_stats/mean (flax.linen itself "
+    "fails with an opaque broadcasting TypeError)",
+)
+def test_linen_batch_stats_of_another_feature_size_are_named_as_batch_stats():
+    x = jnp.ones((8, 4))
+    module = jaxbn.linen.BatchNorm()
+    variables = module.init(jax.random.key(0), x, False)
+    stale = {**variables, "batch_stats": {"mean": jnp.zeros(3), "var": jnp.ones(3)}}
+    with pytest.raises(ValueError) as error:
+        module.apply(stale, x, False, mutable=["batch_stats"])
+    _assert_adapter_words(error, "batch_stats")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="library bug: a jaxbn.nnx.BatchNorm whose mean (or scale) was set to another "
+    "shape raises the core's '`state.mean` ...' ('`params[\"scale\"]` ...') with a "
+    "jaxbn.init suggestion, instead of naming the layer's mean (scale)",
+)
+@pytest.mark.parametrize("attribute", ["mean", "scale"])
+def test_nnx_variables_of_another_shape_are_named_as_the_layer_s(attribute):
+    layer = jaxbn.nnx.BatchNorm(4, rngs=nnx.Rngs(0))
+    getattr(layer, attribute).set_value(jnp.ones(3))
+    with pytest.raises(ValueError) as error:
+        layer(jnp.ones((8, 4)))
+    _assert_adapter_words(error, f"`{attribute}`")
