@@ -391,7 +391,7 @@ def test_complex_init_gives_complex_params_and_mean_and_a_real_variance(dtype):
 def test_complex_pure_function_matches_float64_reference(dtype, mask_kind):
     """Training: complex output, complex running mean, real running variance E|x - mean|²,
     the state's types unchanged; evaluation with the new running statistics."""
-    with jax.enable_x64(dtype == jnp.complex128), standard():  # strict: see below
+    with jax.enable_x64(dtype == jnp.complex128):
         tol = REF_TOL if dtype == jnp.complex64 else REF_TOL_X64
         x, params = complex_batch(COMPLEX_SHAPE, 0, dtype), complex_params(dtype)
         mask = make_mask(mask_kind, COMPLEX_SHAPE)
@@ -410,13 +410,6 @@ def test_complex_pure_function_matches_float64_reference(dtype, mask_kind):
              tol, "eval output")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=jax.dtypes.TypePromotionError,
-    reason="library bug: jaxbn/_update.py _merge multiplies the real decay and weight with the "
-    "complex running and batch means (decay * state.mean + weight * batch_mean), which strict "
-    "dtype promotion rejects: complex training fails in the pure function and both drop-ins",
-)
 def test_complex_training_works_under_strict_promotion():
     """jaxbn promotes explicitly, so complex input trains under conftest's strict promotion
     too (the other complex tests run under standard promotion until this passes)."""
@@ -484,8 +477,7 @@ def _train_complex_nnx(steps=3):
     mean, var = np.zeros(C), np.ones(C)
     for step in range(steps):
         x = complex_batch(COMPLEX_SHAPE, step)
-        with standard():  # strict: test_complex_training_works_under_strict_promotion
-            y = ours(x)
+        y = ours(x)
         with standard(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             expected = theirs(x)
@@ -510,14 +502,6 @@ def test_complex_nnx_keeps_the_complex_running_mean_that_flax_nnx_drops():
     _train_complex_nnx()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=DeprecationWarning,
-    reason="library bug: in evaluation, jaxbn.nnx promotes (x, mean, var, scale, bias) to x's "
-    "complex dtype as flax does, then jaxbn/_adapter.py normalize_with_fields casts the "
-    "complex var to real with astype, which JAX deprecates (DeprecationWarning, soon a "
-    "ValueError)",
-)
 def test_complex_nnx_evaluates_with_the_complex_running_mean():
     ours, mean, var = _train_complex_nnx(steps=1)
     ours.eval()
@@ -564,9 +548,9 @@ def test_complex_gradients_match_flax_two_pass_autodiff(param_dtype, mask_kind):
         return _complex_loss(y, cotangent)
 
     grad = lambda loss: jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], x)  # noqa: E731
-    with standard():  # strict promotion: test_complex_training_works_under_strict_promotion
+    with standard():  # flax promotes implicitly
         expected = grad(module_loss(flax_module))
-        ours = [grad(pure_loss), grad(module_loss(jaxbn.linen.BatchNorm(**kwargs)))]
+    ours = [grad(pure_loss), grad(module_loss(jaxbn.linen.BatchNorm(**kwargs)))]
     tol = {"atol": 1e-4, "rtol": 1e-4}
     for got in ours:
         jax.tree.map(lambda a, b: assert_close(a, b, tol), got, expected)
@@ -636,15 +620,6 @@ def _loss_and_grads(run, x, params, cotangent):
     return y, states, grads
 
 
-SHARD_MAP_VMA_BUG = (
-    "library bug: under jax.shard_map (check_vma=True, the default), the training tangent's "
-    "general path (jaxbn/_train.py _tangent, taken for complex input or a per-example scale) "
-    "adds device-invariant per-feature terms (dscale·x̂, dbias) without casting them to vary "
-    "over the mesh axis as the real per-feature path does (_vary_like), so the transpose fails: "
-    "'Expected cotangent type complex64[2,3] but got complex64[2,3]{V:batch}'"
-)
-
-
 @pytest.mark.parametrize("mask_kind", ["full", "random"])
 @pytest.mark.parametrize("transform", ["vmap", "shard_map"])
 def test_complex_synchronized_training_equals_the_concatenated_batch(transform, mask_kind):
@@ -653,8 +628,7 @@ def test_complex_synchronized_training_equals_the_concatenated_batch(transform, 
     x, params = complex_batch(COMPLEX_SHAPE, 0), complex_params(jnp.complex64)
     mask = make_mask(mask_kind, COMPLEX_SHAPE)
     _, state = jaxbn.init(C, dtype=jnp.complex64)
-    with standard():  # strict promotion: test_complex_training_works_under_strict_promotion
-        y, states = jax.jit(_synchronized_run(transform, state, mask))(x, params)
+    y, states = jax.jit(_synchronized_run(transform, state, mask))(x, params)
     expected, mean, var = ref.batch_norm(x, -1, params["scale"], params["bias"], mask)
     allclose(y, expected)
     devices = states.mean.shape[0]
@@ -663,11 +637,7 @@ def test_complex_synchronized_training_equals_the_concatenated_batch(transform, 
     allclose(states.var, np.broadcast_to(ref.ema(1.0, var, 0.9), (devices, C)))
 
 
-@pytest.mark.parametrize(
-    "transform",
-    ["vmap", pytest.param("shard_map", marks=pytest.mark.xfail(
-        strict=True, raises=ValueError, reason=SHARD_MAP_VMA_BUG))],
-)
+@pytest.mark.parametrize("transform", ["vmap", "shard_map"])
 def test_complex_synchronized_gradients_equal_the_concatenated_batch(transform):
     """The gradients of a real loss with respect to complex x and params, synchronized, are
     one device's on the whole batch (which match flax's autodiff, above)."""
@@ -675,10 +645,9 @@ def test_complex_synchronized_gradients_equal_the_concatenated_batch(transform):
     cotangent = complex_batch(COMPLEX_SHAPE, 1)
     mask = make_mask("random", COMPLEX_SHAPE)
     _, state = jaxbn.init(C, dtype=jnp.complex64)
-    with standard():  # strict promotion: test_complex_training_works_under_strict_promotion
-        run = _synchronized_run(transform, state, mask)
-        y, _, grads = _loss_and_grads(run, x, params, cotangent)
-        y_one, _, grads_one = _loss_and_grads(_single_run(state, mask), x, params, cotangent)
+    run = _synchronized_run(transform, state, mask)
+    y, _, grads = _loss_and_grads(run, x, params, cotangent)
+    y_one, _, grads_one = _loss_and_grads(_single_run(state, mask), x, params, cotangent)
     assert_close(y, y_one)
     tol = {"atol": 1e-4, "rtol": 1e-4}
     jax.tree.map(lambda a, b: assert_close(a, b, tol), grads, grads_one)
@@ -913,8 +882,7 @@ def test_conditional_params_in_bfloat16(param_dtype):
         ("vmap", ("scale", "bias")),
         ("vmap", ("scale",)),
         ("shard_map", ("scale", "bias")),
-        pytest.param("shard_map", ("scale",), marks=pytest.mark.xfail(
-            strict=True, raises=ValueError, reason=SHARD_MAP_VMA_BUG)),
+        ("shard_map", ("scale",)),
     ],
     ids=["vmap", "vmap-feature-bias", "shard_map", "shard_map-feature-bias"],
 )
@@ -964,13 +932,6 @@ def test_conditional_param_shape_errors_name_the_param_and_the_accepted_shapes(k
             jaxbn.batch_norm(x, params, state, training=training)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="library bug: jaxbn/_checks.py _conditional_example builds its example shape by "
-    "matching sizes, not the feature axes: for x of shape (8, 4, 4, 4) and axis=-1 it "
-    "suggests (8, 4, 1, 1), whose 4 sits on the H axis, instead of (8, 1, 1, 4)",
-)
 def test_conditional_param_shape_error_suggests_the_feature_axes_whatever_the_sizes():
     x = jnp.ones((8, 4, 4, 4))
     params, state = jaxbn.init(4)
@@ -1026,14 +987,6 @@ def test_traced_use_running_average_names_use_running_average(adapter):
     _assert_adapter_words(error)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="library bug: jaxbn.linen applied to variables whose batch_stats have another "
-    "feature size raises the core's '`state.mean` must have the feature shape (4,) ... Create "
-    "the state with jaxbn.init((4,))' instead of naming batch_stats/mean (flax.linen itself "
-    "fails with an opaque broadcasting TypeError)",
-)
 def test_linen_batch_stats_of_another_feature_size_are_named_as_batch_stats():
     x = jnp.ones((8, 4))
     module = jaxbn.linen.BatchNorm()
@@ -1044,13 +997,6 @@ def test_linen_batch_stats_of_another_feature_size_are_named_as_batch_stats():
     _assert_adapter_words(error, "batch_stats")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="library bug: a jaxbn.nnx.BatchNorm whose mean (or scale) was set to another "
-    "shape raises the core's '`state.mean` ...' ('`params[\"scale\"]` ...') with a "
-    "jaxbn.init suggestion, instead of naming the layer's mean (scale)",
-)
 @pytest.mark.parametrize("attribute", ["mean", "scale"])
 def test_nnx_variables_of_another_shape_are_named_as_the_layer_s(attribute):
     layer = jaxbn.nnx.BatchNorm(4, rngs=nnx.Rngs(0))
