@@ -26,10 +26,12 @@ from .claims import CLAIM_IDS  # imports neither jax nor the extras: checks come
 
 SYNC_DEVICES = 8
 COMMANDS = ("list", "run", "plot", "bench", "readme")
-# The extras of pyproject.toml: the modules each one installs, by pip name.
+# The extras of pyproject.toml: the modules each one installs, by pip name
+# (tests/test_packaging.py checks that they agree).
 EXTRAS = {
-    "experiments": {"matplotlib": "matplotlib", "tqdm": "tqdm", "sklearn": "scikit-learn",
-                    "scipy": "scipy", "mnist1d": "mnist1d", "orbax.checkpoint": "orbax-checkpoint"},
+    "experiments": {"optax": "optax", "orbax.checkpoint": "orbax-checkpoint",
+                    "matplotlib": "matplotlib", "tqdm": "tqdm", "sklearn": "scikit-learn",
+                    "scipy": "scipy", "mnist1d": "mnist1d"},
     "tensorboard": {"tensorboardX": "tensorboardX"},
 }
 
