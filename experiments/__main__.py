@@ -248,7 +248,7 @@ def _no_defaults(parser: _Parser) -> _Parser:
     return parser
 
 
-def given_options(argv: list[str]) -> dict[str, Any]:
+def _given_options(argv: list[str]) -> dict[str, Any]:
     """The values that ``argv`` (already accepted by :func:`parse_args`) sets itself, by
     destination: the defaults left out, ``claims`` only after ``run``, with 'all' expanded."""
     given = vars(_parse(argv, _no_defaults)[1])
@@ -304,7 +304,7 @@ def _resume_options(parser: _Parser, args: argparse.Namespace, argv: list[str]) 
     if args.out not in (None, args.resume):
         parser.error(f"expected no --out with --resume DIR (it writes to DIR), got --out "
                      f"{args.out} --resume {args.resume}")
-    for name, value in given_options(argv).items():
+    for name, value in _given_options(argv).items():
         if name in recorded and value != recorded[name]:
             parser.error(f"--resume: the run in {args.resume} has "
                          f"{_describe(name, recorded[name])}, got {_describe(name, value)}; "
