@@ -142,6 +142,11 @@ def check_features(
     """The feature sizes of ``x`` along ``axis`` are ``expected``; errors name ``argument``."""
     lay = layout(x.ndim, axis)
     got = tuple(x.shape[a] for a in lay.feature_axes)
+    if len(got) != len(expected):
+        raise ValueError(
+            f"`axis`={axis!r} names {len(got)} feature axes of `x` (shape {x.shape}), but "
+            f"`{argument}` describes {len(expected)}: pass one feature axis, e.g. axis=-1."
+        )
     if got != expected:
         value = expected[0] if len(expected) == 1 else expected
         raise ValueError(

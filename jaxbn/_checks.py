@@ -230,7 +230,7 @@ def check_axis_name(axis_name: AxisName | None, axis_index_groups: Any) -> None:
         jax.lax.axis_size(axis_name)
     except NameError as err:
         raise NameError(
-            f"`axis_name` {axis_name!r} is not bound here: call batch_norm inside a "
+            f"`axis_name` {axis_name!r} is not bound here: normalize inside a "
             f"transformation that binds it, such as jax.shard_map(..., mesh=Mesh(..., "
             f"axis_names=({axis_name!r},))), jax.pmap(..., axis_name={axis_name!r}) or "
             f"jax.vmap(..., axis_name={axis_name!r}). Under sharded jax.jit no `axis_name` "

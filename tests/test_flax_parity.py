@@ -964,6 +964,25 @@ def test_nnx_feature_mismatch_names_num_features_and_the_fix():
     _assert_adapter_words(error)
 
 
+def test_nnx_several_feature_axes_name_axis_and_num_features():
+    layer = jaxbn.nnx.BatchNorm(4, axis=(0, 1), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"`axis`=\(0, 1\) names 2 feature axes of `x` "
+                                         r"\(shape \(8, 4\)\), but `num_features` describes "
+                                         r"1: pass one feature axis") as error:
+        layer(jnp.ones((8, 4)))
+    _assert_adapter_words(error)
+
+
+def test_unbound_axis_name_in_an_adapter_does_not_name_the_core_function():
+    module = jaxbn.linen.BatchNorm(axis_name="batch")
+    x = jnp.ones((8, 4))
+    variables = module.init(jax.random.key(0), x, False)
+    with pytest.raises(NameError, match=r"`axis_name` 'batch' is not bound here: normalize "
+                                        r"inside a transformation that binds it") as error:
+        module.apply(variables, x, False, mutable=["batch_stats"])
+    assert "batch_norm" not in str(error.value).split("(")[0]
+
+
 @pytest.mark.parametrize("adapter", ["linen", "nnx"])
 def test_traced_use_running_average_names_use_running_average(adapter):
     x = jnp.ones((8, 4))
