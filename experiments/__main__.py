@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
 import os
 import shlex
@@ -26,10 +27,15 @@ from .claims import CLAIM_IDS  # imports neither jax nor the extras: checks come
 
 SYNC_DEVICES = 8
 COMMANDS = ("list", "run", "plot", "bench", "readme")
-# The extras of pyproject.toml: the modules each one installs, by pip name.
+# The options that define a run's results: --resume takes them from the run it continues.
+RUN_OPTIONS = ("claims", "full", "seeds", "dataset", "devices", "budget", "tensorboard",
+               "num_processes")
+# The extras of pyproject.toml: the modules each one installs, by pip name
+# (tests/test_packaging.py checks that they agree).
 EXTRAS = {
-    "experiments": {"matplotlib": "matplotlib", "tqdm": "tqdm", "sklearn": "scikit-learn",
-                    "scipy": "scipy", "mnist1d": "mnist1d", "orbax.checkpoint": "orbax-checkpoint"},
+    "experiments": {"optax": "optax", "orbax.checkpoint": "orbax-checkpoint",
+                    "matplotlib": "matplotlib", "tqdm": "tqdm", "sklearn": "scikit-learn",
+                    "scipy": "scipy", "mnist1d": "mnist1d"},
     "tensorboard": {"tensorboardX": "tensorboardX"},
 }
 
@@ -49,9 +55,15 @@ command's own.
 
 Writes to --out (default results/<timestamp>/): report.md (verdict table, then a section per
 claim with its figure), <claim>.png, results.json (per claim: metric, values with and without
-BN, per-seed values, verdict, rule; in meta: command, commit, date, machine) and, per group of
-runs, <claim>/<arm>/config.json and metrics.jsonl. Verdict rule: mean ± 95% t-interval over
-seeds per arm; holds / does not hold if the intervals are apart, inconclusive if they overlap.
+BN, per-seed values, verdict, rule; in meta: command, options, commit, date, machine) and, per
+group of runs, <claim>/<arm>/config.json, metrics.jsonl and (--full or --checkpoint)
+checkpoints/. Verdict rule: mean ± 95% t-interval over seeds per arm; holds / does not hold if
+the intervals are apart, inconclusive if they overlap.
+
+An interrupted run continues with `python -m experiments --resume DIR`: the claims complete in
+DIR/results.json are kept, the others continue from their checkpoints, with the numbers of an
+uninterrupted run. The run's options come from DIR; repeating them is allowed, changing them
+is not.
 """
 
 
@@ -124,6 +136,17 @@ def _add_suite_options(parser: argparse.ArgumentParser) -> None:
                              "BN. The sync claim always uses 8 (on one process).")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output directory (default results/<timestamp>/)")
+    parser.add_argument("--resume", default=None, metavar="DIR",
+                        help="continue the interrupted run in DIR (it writes there): completed "
+                             "claims are kept, the others continue from their checkpoints; "
+                             "the run's options come from DIR/results.json")
+    checkpoint = parser.add_mutually_exclusive_group()
+    checkpoint.add_argument("--checkpoint", dest="checkpoint", action="store_true",
+                            default=None,
+                            help="orbax checkpoints about 10 times per group of runs, so "
+                                 "--resume loses little (default with --full)")
+    checkpoint.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
+                            default=None, help="no checkpoints (default in quick mode)")
     parser.add_argument("--tensorboard", action="store_true",
                         help="also write TensorBoard event files (needs the [tensorboard] extra)")
     parser.add_argument("--budget", type=_budget, default=1.0, metavar="F",
@@ -184,28 +207,56 @@ def make_parser() -> _Parser:
     return parser
 
 
-def parse_args(argv: list[str]) -> tuple[_Parser, argparse.Namespace]:
-    """The parser that read the command's arguments (for later errors) and the arguments,
-    with ``command`` (``"suite"`` when none is given), wherever the options stand. Exits with
-    status 2 and a one-line message for anything it cannot accept."""
-    parser = make_parser()
+def _parse(
+    argv: list[str], adjust: Callable[[_Parser], _Parser] = lambda parser: parser
+) -> tuple[_Parser, argparse.Namespace, str | None]:
+    """The parser that read the arguments, the arguments and the command (None: none given):
+    the words before the command are parsed again by the command's parser. ``adjust`` is
+    applied to each parser before it parses."""
+    parser = adjust(make_parser())
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.error(f"{' '.join(unknown)} is not an option before the command; only the "
                      "options of --help may stand there")
-    if args.command is None:
+    command = getattr(args, "command", None)
+    if command is None:
+        return parser, args, None
+    if command not in COMMANDS:
+        parser.error(f"expected a command in {COMMANDS}, got {command!r}")
+    before = argv[: len(argv) - len(args.arguments) - 1]
+    parser = adjust(command_parser(command))
+    return parser, parser.parse_args([*before, *args.arguments]), command
+
+
+def parse_args(argv: list[str]) -> tuple[_Parser, argparse.Namespace]:
+    """The parser that read the command's arguments (for later errors) and the arguments,
+    with ``command`` (``"suite"`` when none is given), wherever the options stand. Exits with
+    status 2 and a one-line message for anything it cannot accept."""
+    parser, args, command = _parse(argv)
+    if command is None:
         args.command, args.claims = "suite", list(CLAIM_IDS)
-    elif args.command not in COMMANDS:
-        parser.error(f"expected a command in {COMMANDS}, got {args.command!r}")
     else:
-        before = argv[: len(argv) - len(args.arguments) - 1]
-        command = args.command
-        parser = command_parser(command)
-        args = parser.parse_args([*before, *args.arguments])
         args.command = command
     if args.command in ("suite", "run"):
         _check_suite_options(parser, args)
     return parser, args
+
+
+def _no_defaults(parser: _Parser) -> _Parser:
+    for action in parser._actions:  # argparse keeps a parser's arguments only there
+        action.default = argparse.SUPPRESS
+    return parser
+
+
+def _given_options(argv: list[str]) -> dict[str, Any]:
+    """The values that ``argv`` (already accepted by :func:`parse_args`) sets itself, by
+    destination: the defaults left out, ``claims`` only after ``run``, with 'all' expanded."""
+    given = vars(_parse(argv, _no_defaults)[1])
+    given.pop("command", None)
+    given.pop("arguments", None)
+    if given.get("claims") == ["all"]:
+        given["claims"] = list(CLAIM_IDS)
+    return given
 
 
 def _check_suite_options(parser: _Parser, args: argparse.Namespace) -> None:
@@ -225,6 +276,41 @@ def _check_suite_options(parser: _Parser, args: argparse.Namespace) -> None:
     if args.process_id is not None and args.process_id >= args.num_processes:
         parser.error(f"expected --process-id < --num-processes {args.num_processes}, "
                      f"got {args.process_id}")
+
+
+def _describe(name: str, value: Any) -> str:
+    """A run option as the command line writes it: ``--seeds 2``, ``--full``, ``no --seeds``."""
+    if name == "claims":
+        return f"claims {' '.join(value)}"
+    if name == "full":
+        return "--full" if value else "--quick"
+    flag = "--" + name.replace("_", "-")
+    if value is None or value is False:
+        return f"no {flag}"
+    return flag if value is True else f"{flag} {value}"
+
+
+def _resume_options(parser: _Parser, args: argparse.Namespace, argv: list[str]) -> None:
+    """``--resume DIR``: the run options of the run in DIR (``meta.options`` of its
+    results.json) replace those of ``args``; ``argv`` may repeat them but not change them,
+    and may give ``--out`` only as DIR. Exits in one line otherwise."""
+    try:
+        with open(os.path.join(args.resume, "results.json")) as f:
+            recorded = json.load(f)["meta"]["options"]
+        recorded = {name: recorded[name] for name in RUN_OPTIONS}
+    except (OSError, ValueError, KeyError, TypeError):
+        parser.error(f"argument --resume: expected a directory with a run to continue "
+                     f"(DIR/results.json written by python -m experiments), got {args.resume!r}")
+    if args.out not in (None, args.resume):
+        parser.error(f"expected no --out with --resume DIR (it writes to DIR), got --out "
+                     f"{args.out} --resume {args.resume}")
+    for name, value in _given_options(argv).items():
+        if name in recorded and value != recorded[name]:
+            parser.error(f"--resume: the run in {args.resume} has "
+                         f"{_describe(name, recorded[name])}, got {_describe(name, value)}; "
+                         "leave the run's options out or repeat them unchanged")
+    vars(args).update(recorded, out=args.resume)
+    _check_suite_options(parser, args)
 
 
 def _require_extras(parser: _Parser, *extras: str) -> None:
@@ -251,10 +337,12 @@ def _use_cpu_devices(parser: _Parser, count: int) -> None:
                          f"{jax.device_count()}; run from a fresh process")
 
 
-def _run(parser: _Parser, args: argparse.Namespace, command: str) -> int:
+def _run(parser: _Parser, args: argparse.Namespace, argv: list[str]) -> int:
     """Runs the suite or some claims: every check, then the claims."""
     from .claims import Context, Settings
 
+    if args.resume:
+        _resume_options(parser, args, argv)
     extras = ("experiments", "tensorboard") if args.tensorboard else ("experiments",)
     _require_extras(parser, *extras)
     sync_here = "sync" in args.claims and not args.coordinator  # several processes: as given
@@ -271,8 +359,10 @@ def _run(parser: _Parser, args: argparse.Namespace, command: str) -> int:
     if devices > jax.device_count():
         parser.error(f"expected --devices <= the {jax.device_count()} devices jax sees, "
                      f"got {devices}")
+    checkpoint = args.full if args.checkpoint is None else args.checkpoint
     settings = Settings(quick=not args.full, seeds=args.seeds, dataset=args.dataset,
-                        tensorboard=args.tensorboard, budget=args.budget, devices=devices)
+                        tensorboard=args.tensorboard, budget=args.budget, devices=devices,
+                        checkpoint=checkpoint, resume=bool(args.resume))
     out = args.out or os.path.join("results", time.strftime("%Y%m%d-%H%M%S"))
     ctx = Context(settings=settings, out=out, show_progress=args.progress)
     try:
@@ -281,7 +371,9 @@ def _run(parser: _Parser, args: argparse.Namespace, command: str) -> int:
         parser.error(str(error))
     from . import suite
 
-    if not suite.run_suite(args.claims, ctx, command=command):
+    options = {name: getattr(args, name) for name in RUN_OPTIONS}
+    command = "python -m experiments " + shlex.join(argv)
+    if not suite.run_suite(args.claims, ctx, command=command, options=options):
         raise SystemExit(f"some claims failed; see {out}/report.md")
     return 0
 
@@ -310,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         from . import readme
 
         return readme.main(check=args.check)
-    return _run(parser, args, "python -m experiments " + shlex.join(argv))
+    return _run(parser, args, argv)
 
 
 if __name__ == "__main__":

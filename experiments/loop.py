@@ -7,14 +7,14 @@ evaluates after each chunk and writes, to ``workdir``:
 - ``config.json``: the config, its runs, the dataset's sizes and the jax version;
 - ``metrics.jsonl``: one line per evaluation, with per-run lists (NaN after a run stopped);
 - ``checkpoints/``: the latest orbax checkpoint of the training state, every
-  ``checkpoint_every`` steps (when it is > 0);
+  ``checkpoint_every`` steps and at the end (when it is > 0);
 - ``tensorboard/run_<i>/``: TensorBoard event files, with ``tensorboard=True``.
 
 ``resume=True`` continues from the latest checkpoint: ``metrics.jsonl`` keeps its lines up
-to that step and the final numbers equal an uninterrupted run's. A run whose loss or
-parameters stop being finite is stopped (see :mod:`experiments.train`) and the step range
-where the NaN appeared is recorded (``Result.diverged_at``); when every run has stopped the
-loop ends.
+to that step and the final numbers equal an uninterrupted run's; a finished run restores its
+last checkpoint and trains no further. A run whose loss or parameters stop being finite is
+stopped (see :mod:`experiments.train`) and the step range where the NaN appeared is recorded
+(``Result.diverged_at``); when every run has stopped the loop ends.
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ class Result:
     steps: np.ndarray  # (T,) the logged steps
     metrics: dict[str, np.ndarray]  # name -> (T, R, ...) NaN after a run stopped
     diverged_at: list[list[int] | None]  # per run: [last finite logged step, NaN step]
-    seconds: float  # wall time, compilation included
-    step_seconds: float  # median seconds per step after the first chunk (no compilation)
+    seconds: float  # wall time, compilation included (a resumed run: all its sessions')
+    step_seconds: float  # median seconds per step after this session's first chunk (no
+    # compilation); NaN when this session trained none
     grad_norms_at_init: np.ndarray | None = None  # (R, layers)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -75,18 +76,22 @@ class MetricsLog:
     """``metrics.jsonl`` (and optionally TensorBoard) of one group of runs.
 
     Opening it keeps only the lines up to ``keep_until`` (the step a resumed run restarts
-    from; 0 starts afresh). Without a workdir it writes nothing.
+    from; 0 starts afresh): ``kept``, which every process reads, and the file, which only a
+    writing log rewrites (in one atomic replace, so no reader sees it half written). Without
+    a workdir, or with ``writes=False``, it writes nothing.
     """
 
     def __init__(self, workdir: str | None, num_runs: int, *, tensorboard: bool,
-                 keep_until: int = 0):
+                 keep_until: int = 0, writes: bool = True):
         self.path = os.path.join(workdir, "metrics.jsonl") if workdir else None
+        self.writes = writes
         self.writers: list[Any] = []
-        if self.path and os.path.exists(self.path):
-            kept = [r for r in self.history() if r["step"] <= keep_until]
-            with open(self.path, "w") as f:
-                f.writelines(json.dumps(r, allow_nan=True) + "\n" for r in kept)
-        if tensorboard and workdir:
+        self.kept = [r for r in self.history() if r["step"] <= keep_until]
+        if self.path and writes and os.path.exists(self.path):
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(json.dumps(r, allow_nan=True) + "\n" for r in self.kept)
+            os.replace(self.path + ".tmp", self.path)
+        if tensorboard and workdir and writes:
             writer = _summary_writer()
             self.writers = [
                 writer(os.path.join(workdir, "tensorboard", f"run_{i}")) for i in range(num_runs)
@@ -100,7 +105,7 @@ class MetricsLog:
             return [json.loads(line) for line in f if line.strip()]
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.path:
+        if self.path and self.writes:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record, allow_nan=True) + "\n")
         for i, writer in enumerate(self.writers):
@@ -227,37 +232,39 @@ def train_and_evaluate(
     if resume and not (workdir and config.checkpoint_every > 0):
         raise ValueError("Expected `workdir` and `checkpoint_every > 0` to resume.")
     trainer = Trainer(config, dataset)
-    files = workdir if jax.process_index() == 0 else None
-    if files:
-        _write_config(files, config, trainer.dataset)
+    primary = jax.process_index() == 0  # the one process that writes files
+    if workdir and primary:
+        _write_config(workdir, config, trainer.dataset)
     state = trainer.init()
     grad_norms = trainer.grad_norms(state) if config.grad_norms else None
     checkpoints = Checkpoints(workdir) if workdir and config.checkpoint_every > 0 else None
     step = 0
     if resume and checkpoints is not None:
         state, step = checkpoints.restore_latest(state)
-    log = MetricsLog(files, trainer.num_runs, tensorboard=config.tensorboard, keep_until=step)
-    records = log.history()
+    log = MetricsLog(workdir, trainer.num_runs, tensorboard=config.tensorboard,
+                     keep_until=step, writes=primary)
+    records = log.kept
+    earlier = records[-1]["seconds"] if records else 0.0  # the interrupted sessions' time
     if progress and step:
         progress(step)
     chunk_seconds = []
     end = config.steps if stop_at is None else min(stop_at, config.steps)
     try:
-        while step < end:
+        while step < end and np.any(state.alive):  # a restored run may have stopped
             tic = time.perf_counter()
             state, losses = trainer.chunk(state, step, config.eval_every)
             losses = np.asarray(losses, dtype=np.float64)  # waits for the chunk
             chunk_seconds.append((time.perf_counter() - tic) / config.eval_every)
             step += config.eval_every
             metrics = trainer.evaluate(state, probe=config.probe)
-            records.append(_record(step, time.perf_counter() - started, losses, metrics, state))
+            seconds = earlier + time.perf_counter() - started
+            records.append(_record(step, seconds, losses, metrics, state))
             log.write(records[-1])
-            if checkpoints is not None and step % config.checkpoint_every == 0:
+            finished = step == config.steps or not np.any(state.alive)
+            if checkpoints is not None and (step % config.checkpoint_every == 0 or finished):
                 checkpoints.save(step, state)
             if progress:
                 progress(config.eval_every)
-            if not np.any(state.alive):
-                break
     finally:
         log.close()
         if checkpoints is not None:
@@ -270,7 +277,7 @@ def train_and_evaluate(
         steps=steps,
         metrics={k: np.array([r[k] for r in records], dtype=np.float64) for k in names},
         diverged_at=_diverged_at(np.asarray(state.nan_step), steps),
-        seconds=time.perf_counter() - started,
+        seconds=earlier + time.perf_counter() - started,
         step_seconds=float(np.median(later)) if later else float("nan"),
         grad_norms_at_init=grad_norms,
     )

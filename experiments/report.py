@@ -29,10 +29,12 @@ VERDICTS = ("holds", "does not hold", "inconclusive")
 
 
 def write_results(out: str, claims: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
+    """Writes ``out/results.json`` in one atomic replace: an interruption leaves the old one."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "results.json")
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump({"meta": meta, "claims": claims}, f, indent=1, allow_nan=False, default=_nan)
+    os.replace(path + ".tmp", path)
     return path
 
 

@@ -1,11 +1,16 @@
 """The suite: claims run one after the other into one output directory.
 
-:func:`run_suite` records ``results.json`` after every claim, so an interrupted suite keeps
-what it has, with the run's provenance in ``meta`` (command, mode, seeds, commit, date,
-machine, versions); at the end it writes ``report.md`` and the figures. A claim that fails is
-recorded with its traceback and the others still run. Bad input never gets this far: the
-command line checks its options, the installed extras and (``Context.check``) every config
-before the first claim starts.
+:func:`run_suite` records ``results.json`` before the first claim and after every claim, so
+an interrupted suite keeps what it has, with the run's provenance in ``meta`` (command, mode,
+seeds, commit, date, machine, versions) and the command line's options (``meta.options``,
+which ``--resume`` reads); at the end it writes ``report.md`` and the figures. A claim that
+fails is recorded with its traceback and the others still run. Bad input never gets this far:
+the command line checks its options, the installed extras and (``Context.check``) every
+config before the first claim starts.
+
+Resumed (``ctx.settings.resume``), it keeps the entries of ``ctx.out/results.json`` whose
+claims completed, runs the others (each run from its latest checkpoint) and appends this
+session's provenance to ``meta.resumed``.
 """
 
 from __future__ import annotations
@@ -65,33 +70,63 @@ def provenance() -> dict[str, Any]:
     }
 
 
-def run_suite(claim_ids: Sequence[str], ctx: Context, *, command: str) -> bool:
-    """Runs the claims in ``ctx``, writing ``ctx.out``; returns whether every claim ran.
-
-    Only process 0 writes files; every process runs every claim (multi-process runs).
-    """
+def _meta(ctx: Context, command: str, options: dict[str, Any]) -> dict[str, Any]:
+    """A new run's ``meta``; resumed, the recorded one with this session's provenance
+    appended to ``resumed``."""
     import jax
 
+    if ctx.settings.resume:
+        meta = report.load_results(ctx.out)["meta"]
+        return {**meta, "resumed": [*meta.get("resumed", []),
+                                    {"command": command, **provenance()}]}
     settings = ctx.settings
-    meta = {
+    return {
         "command": command,
+        "options": options,
         "mode": "quick" if settings.quick else "full",
         "seeds": len(settings.seed_list),
         "dataset": settings.default_dataset(),
         "budget": settings.budget,
         "device_count": jax.device_count(),
         "process_count": jax.process_count(),
+        "runtime_s": 0.0,
         **provenance(),
     }
+
+
+def run_suite(claim_ids: Sequence[str], ctx: Context, *, command: str,
+              options: dict[str, Any] | None = None) -> bool:
+    """Runs the claims in ``ctx``, writing ``ctx.out``; returns whether every claim ran.
+
+    ``options``, the command line's, are recorded as ``meta.options`` for ``--resume``.
+    With ``ctx.settings.resume`` the claims that completed in ``ctx.out/results.json`` are
+    kept and not run again. Only process 0 writes files; every process runs every claim
+    (multi-process runs).
+    """
+    import jax
+
+    meta = _meta(ctx, command, options or {})
+    earlier = report.load_results(ctx.out)["claims"] if ctx.settings.resume else {}
+    entries = {c: e for c, e in earlier.items() if c in claim_ids and "error" not in e}
     primary = jax.process_index() == 0
-    started = time.perf_counter()
-    entries: dict[str, Any] = {}
+    started, earlier_runtime = time.perf_counter(), meta["runtime_s"]
+
+    def record() -> None:
+        if primary:
+            meta["runtime_s"] = earlier_runtime + time.perf_counter() - started
+            meta["complete"] = len(entries) == len(claim_ids)
+            report.write_results(ctx.out, {c: entries[c] for c in claim_ids if c in entries},
+                                 meta)
+
+    record()  # before the first claim: an interrupted one leaves a run to resume
     bar = None
     if ctx.show_progress and len(claim_ids) > 1:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(claim_ids), desc="claims", unit="claim")
+        bar = tqdm(total=len(claim_ids), desc="claims", unit="claim", initial=len(entries))
     for claim_id in claim_ids:
+        if claim_id in entries:  # completed before an interruption
+            continue
         if bar is not None:
             bar.set_postfix_str(claim_id)
         ctx.claim = claim_id
@@ -103,10 +138,7 @@ def run_suite(claim_ids: Sequence[str], ctx: Context, *, command: str) -> bool:
                      "verdict": "inconclusive", "error": traceback.format_exc()}
         entry["runtime_s"] = time.perf_counter() - tic
         entries[claim_id] = entry
-        if primary:
-            meta["runtime_s"] = time.perf_counter() - started
-            meta["complete"] = len(entries) == len(claim_ids)
-            report.write_results(ctx.out, entries, meta)
+        record()
         if bar is not None:
             bar.update(1)
     if bar is not None:

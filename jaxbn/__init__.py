@@ -14,7 +14,7 @@ from ._state import BatchStats as BatchStats
 from ._state import Params as Params
 from ._state import init as init
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BatchStats",

@@ -12,11 +12,10 @@ from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
 from ._batch_norm import batch_norm
-from ._checks import layout
+from ._checks import check_bool, layout
 from ._dtypes import is_complex, real_dtype, stats_dtype, wider_float, with_kind
 from ._renorm import batch_renorm
 from ._state import BatchStats
@@ -26,6 +25,7 @@ __all__ = [
     "bound_normalizer",
     "check_features",
     "check_use_running_average",
+    "check_variables",
     "normalize_with_fields",
     "output_dtype",
     "stored",
@@ -90,6 +90,8 @@ def normalize_with_fields(
     variance is 0.
     """
     real = stats_dtype(var.dtype)
+    if is_complex(var.dtype):  # flax.nnx promotes every statistic to a complex x's dtype
+        var = var.real
     state = BatchStats(
         mean=mean.astype(with_kind(real, is_complex(x.dtype) or is_complex(mean.dtype))),
         var=var.astype(real),
@@ -126,14 +128,12 @@ def normalize_with_fields(
 
 def check_use_running_average(value: Any) -> bool:
     """``use_running_average`` is a Python bool (it picks the code path when tracing)."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(
-            f"`use_running_average` must be a Python bool (True: running statistics; False: "
-            f"batch statistics and an update), got {type(value).__name__} {value!r}. It "
-            f"selects the code path when tracing, so it cannot be a traced value: pass it as "
-            f"a static argument."
-        )
-    return bool(value)
+    return check_bool(
+        value,
+        "use_running_average",
+        "True: running statistics; False: batch statistics and an update",
+        "pass it as a static argument",
+    )
 
 
 def check_features(
@@ -142,6 +142,11 @@ def check_features(
     """The feature sizes of ``x`` along ``axis`` are ``expected``; errors name ``argument``."""
     lay = layout(x.ndim, axis)
     got = tuple(x.shape[a] for a in lay.feature_axes)
+    if len(got) != len(expected):
+        raise ValueError(
+            f"`axis`={axis!r} names {len(got)} feature axes of `x` (shape {x.shape}), but "
+            f"`{argument}` describes {len(expected)}: pass one feature axis, e.g. axis=-1."
+        )
     if got != expected:
         value = expected[0] if len(expected) == 1 else expected
         raise ValueError(
@@ -150,6 +155,21 @@ def check_features(
             f"layer with {argument}={got[0] if len(got) == 1 else got}, or pass `axis` for "
             f"the feature axis of `x`."
         )
+
+
+def check_variables(
+    expected: tuple[int, ...], where: str, **variables: jax.Array | None
+) -> None:
+    """Each of the module's ``variables`` has the feature shape ``expected``: a stale
+    checkpoint, or a variable set by hand, is named as the module names it."""
+    for name, value in variables.items():
+        if value is not None and tuple(value.shape) != expected:
+            raise ValueError(
+                f"`{name}` {where} has shape {tuple(value.shape)}, but `x` has "
+                f"{expected[0] if len(expected) == 1 else expected} features along `axis`: it "
+                f"belongs to a layer of another size. Load variables made for this input, or "
+                f"re-initialize the layer."
+            )
 
 
 def stored(new: jax.Array, old: jax.Array) -> jax.Array:

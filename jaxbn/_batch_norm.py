@@ -192,7 +192,7 @@ def _check_common(
     x = jnp.asarray(x)
     _checks.check_input(x)
     lay = _checks.with_shape(_checks.layout(x.ndim, axis), x.shape)
-    _checks.check_params(params, lay.feature_shape, x.shape)
+    _checks.check_params(params, lay, x.shape)
     _checks.check_state(state, lay.feature_shape, x.dtype, training=bool(training))
     _checks.check_momentum(momentum)
     _checks.check_epsilon(epsilon)

@@ -29,15 +29,28 @@ class Layout(NamedTuple):
     broadcast_shape: tuple[int, ...]  # feature vectors reshaped to broadcast against x
 
 
-def check_training(training: Any) -> bool:
-    if not isinstance(training, (bool, np.bool_)):
+def check_bool(value: Any, name: str, meaning: str, fix: str) -> bool:
+    """``value`` is a Python bool: it picks a code path when tracing, so it cannot be traced.
+
+    ``meaning`` says what True and False do, ``fix`` how to keep the value static; both go
+    into the error, in the caller's own words.
+    """
+    if not isinstance(value, (bool, np.bool_)):
         raise TypeError(
-            f"`training` must be a Python bool (True: batch statistics and a state update; "
-            f"False: running statistics), got {type(training).__name__} {training!r}. It "
-            f"selects the code path at trace time, so it cannot be a traced value: mark it "
-            f"static (jax.jit(..., static_argnames='training'))."
+            f"`{name}` must be a Python bool ({meaning}), got {type(value).__name__} "
+            f"{value!r}. It selects the code path at trace time, so it cannot be a traced "
+            f"value: {fix}."
         )
-    return bool(training)
+    return bool(value)
+
+
+def check_training(training: Any) -> bool:
+    return check_bool(
+        training,
+        "training",
+        "True: batch statistics and a state update; False: running statistics",
+        "mark it static (jax.jit(..., static_argnames='training'))",
+    )
 
 
 def check_input(x: jax.Array) -> None:
@@ -72,9 +85,7 @@ def with_shape(lay: Layout, shape: tuple[int, ...]) -> Layout:
     return lay._replace(feature_shape=feature_shape, broadcast_shape=broadcast_shape)
 
 
-def check_params(
-    params: Mapping[str, Any] | None, feature_shape: tuple[int, ...], x_shape: tuple[int, ...]
-) -> None:
+def check_params(params: Mapping[str, Any] | None, lay: Layout, x_shape: tuple[int, ...]) -> None:
     """``params`` holds ``scale``/``bias`` of the feature shape, or of ``x``'s rank and
     broadcastable to ``x`` (per-example parameters, for conditional normalization)."""
     if params is None:
@@ -93,12 +104,13 @@ def check_params(
         if value is None:
             continue
         shape = tuple(np.shape(value))
+        feature_shape = lay.feature_shape
         if shape != feature_shape and not is_broadcastable(shape, x_shape):
             raise ValueError(
                 f'`params["{key}"]` must have the feature shape {feature_shape} of `x` along '
                 f"`axis` (create it with jaxbn.init({feature_shape})), or, for per-example "
                 f"(conditional) parameters, the rank of `x` and a shape that broadcasts to "
-                f"its shape {x_shape}, such as {_conditional_example(feature_shape, x_shape)}; "
+                f"its shape {x_shape}, such as {_conditional_example(lay, x_shape)}; "
                 f"got shape {shape}."
             )
 
@@ -110,12 +122,13 @@ def is_broadcastable(shape: tuple[int, ...], x_shape: tuple[int, ...]) -> bool:
     )
 
 
-def _conditional_example(feature_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> str:
-    """A per-example parameter shape for ``x``: the batch size, the features, else 1."""
-    kept = list(feature_shape)
-    shape = [x_shape[0] if x_shape else 1]
-    for size in x_shape[1:]:
-        shape.append(kept.pop(0) if kept and size == kept[0] else 1)
+def _conditional_example(lay: Layout, x_shape: tuple[int, ...]) -> str:
+    """A per-example parameter shape for ``x``: the batch size on the first reduced axis,
+    the feature sizes on the feature axes, 1 elsewhere."""
+    shape = list(lay.broadcast_shape)
+    if lay.reduction_axes:
+        batch_axis = lay.reduction_axes[0]
+        shape[batch_axis] = x_shape[batch_axis]
     return str(tuple(shape))
 
 
@@ -217,7 +230,7 @@ def check_axis_name(axis_name: AxisName | None, axis_index_groups: Any) -> None:
         jax.lax.axis_size(axis_name)
     except NameError as err:
         raise NameError(
-            f"`axis_name` {axis_name!r} is not bound here: call batch_norm inside a "
+            f"`axis_name` {axis_name!r} is not bound here: normalize inside a "
             f"transformation that binds it, such as jax.shard_map(..., mesh=Mesh(..., "
             f"axis_names=({axis_name!r},))), jax.pmap(..., axis_name={axis_name!r}) or "
             f"jax.vmap(..., axis_name={axis_name!r}). Under sharded jax.jit no `axis_name` "
@@ -227,11 +240,7 @@ def check_axis_name(axis_name: AxisName | None, axis_index_groups: Any) -> None:
 
 
 def check_flag(name: str, value: Any) -> None:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(
-            f"`{name}` must be a Python bool, got {type(value).__name__} {value!r}. It selects "
-            f"the update rule at trace time, so it cannot be a traced value."
-        )
+    check_bool(value, name, "it selects the update rule", "pass True or False")
 
 
 def check_virtual_batch_size(virtual_batch_size: Any) -> None:

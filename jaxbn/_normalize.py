@@ -17,7 +17,14 @@ from jax.typing import ArrayLike
 from ._checks import Layout
 from ._dtypes import is_complex, real_dtype, stats_dtype, wider_float
 
-__all__ = ["affine", "coefficients", "compute_dtype", "normalize_eval", "scale_shift"]
+__all__ = [
+    "affine",
+    "coefficients",
+    "compute_dtype",
+    "multiplier",
+    "normalize_eval",
+    "scale_shift",
+]
 
 
 def affine(
@@ -49,10 +56,13 @@ def coefficients(
     ``dtype``); ``mul`` is in ``dtype``.
     """
     inv_std = jax.lax.rsqrt(var.astype(real_dtype(dtype)) + epsilon)
+    return multiplier(inv_std, scale, dtype), inv_std
+
+
+def multiplier(inv_std: jax.Array, scale: jax.Array | None, dtype: Any) -> jax.Array:
+    """``scale · inv_std`` in ``dtype`` (``inv_std`` alone when there is no scale)."""
     mul = inv_std.astype(dtype)
-    if scale is not None:
-        mul = mul * scale.astype(dtype)
-    return mul, inv_std
+    return mul if scale is None else mul * scale.astype(dtype)
 
 
 def scale_shift(

@@ -24,7 +24,7 @@ from ._checks import AxisName
 from ._copies import cpu_copies, sum_then_cast
 from ._dtypes import is_complex, stats_dtype
 from ._moments import combine, local_moments, mean_and_var, sync_sum, widened_reads
-from ._normalize import coefficients, compute_dtype, scale_shift
+from ._normalize import coefficients, compute_dtype, multiplier, scale_shift
 
 __all__ = ["Sync", "normalize_training"]
 
@@ -138,7 +138,7 @@ def _tangent(
     dtype = compute_dtype(x.dtype, mean, scale, dbias)
     real = not is_complex(dtype)
     inv_n = _inverse_count(sync, x, mask, count)
-    s = _multiplier(inv_std, scale, dtype)
+    s = multiplier(inv_std, scale, dtype)
     # Σ x̂·dx and the output's x̂ are different kernels: each gets its own copy of x, mean
     # and inv_std on XLA:CPU (cpu_copies), so that no shared widening or broadcast is
     # written out.
@@ -164,14 +164,15 @@ def _tangent(
             u = u + dbias.astype(dtype)
         if dscale is not None:
             v = v + dscale.astype(dtype)
-        u, v = _vary_like(x, u, v)
+        if _varying(x) - (_varying(u) | _varying(v)):  # one cast for both: one collective
+            u, v = _vary_like(x, jnp.stack((u, v)))
         terms += [u, x_hat * v]
     else:
         terms.append(-s * (a.astype(dtype) + x_hat * b.astype(dtype)) * inv_n.astype(dtype))
         if dscale is not None:
             terms.append(x_hat * dscale.astype(dtype))
         if dbias is not None:
-            terms.append(dbias.astype(dtype))
+            terms.append(_vary_like(x, dbias.astype(dtype)))
     # Every term with x's shape and sharding type (explicit-sharding jit types them).
     sharding = jax.typeof(x).sharding
     full = [jnp.broadcast_to(t, x.shape, out_sharding=sharding) for t in terms]
@@ -190,11 +191,6 @@ def _inverse_count(
         entries = math.prod(x.shape[a] for a in sync.reduction_axes)
         return jnp.asarray(1.0 / max(entries, 1), count.dtype)
     return jnp.reciprocal(jnp.maximum(count, 1))
-
-
-def _multiplier(inv_std: jax.Array, scale: jax.Array | None, dtype: Any) -> jax.Array:
-    s = inv_std.astype(dtype)
-    return s if scale is None else s * scale.astype(dtype)
 
 
 def _x_hat(x: jax.Array, mean: jax.Array, inv_std: jax.Array, dtype: Any) -> jax.Array:
@@ -227,19 +223,18 @@ def _synced(sync: Sync, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Arra
     return total[0], total[1]
 
 
-def _vary_like(x: jax.Array, u: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``u`` and ``v`` cast to vary over every manual mesh axis ``x`` varies over, in one op.
+def _vary_like(x: jax.Array, value: jax.Array) -> jax.Array:
+    """``value`` cast to vary over every manual mesh axis ``x`` varies over, in one op.
 
-    Combining a device-invariant value with ``x`` would insert that cast implicitly, once
-    per operand; its transpose is a ``psum``. Casting the two stacked keeps the backward at
-    one collective. Without such axes (no sync, or vmap/pmap) nothing is stacked, which
-    would cost kernels.
+    Combining a device-invariant value with ``x`` inserts that cast implicitly, once per
+    operand; its transpose is a ``psum``. The per-feature terms ``u`` and ``v`` are cast as
+    one stack, which keeps the backward at one collective (stacked only then: a stack costs
+    kernels).
     """
-    missing = _varying(x) - (_varying(u) | _varying(v))
+    missing = _varying(x) - _varying(value)
     if not missing:
-        return u, v
-    stacked = lax.pcast(jnp.stack((u, v)), tuple(sorted(missing, key=str)), to="varying")
-    return stacked[0], stacked[1]
+        return value
+    return lax.pcast(value, tuple(sorted(missing, key=str)), to="varying")
 
 
 def _varying(value: jax.Array) -> frozenset[Hashable]:

@@ -94,9 +94,8 @@ def _merge(
     rejected = jnp.logical_not(accepted)
     keep = rejected | (count == 0)
     keep_var = keep if var_count is None else rejected | (var_count == 0)
-    new_mean = jax.lax.select(
-        keep, state.mean, (decay * state.mean + weight * batch_mean).astype(state.mean.dtype)
-    )
+    mean_decay, mean_weight = decay.astype(state.mean.dtype), weight.astype(state.mean.dtype)
+    new_mean = jax.lax.select(keep, state.mean, mean_decay * state.mean + mean_weight * batch_mean)
     new_var = jax.lax.select(keep_var, state.var, decay * state.var + weight * batch_var)
     return BatchStats(
         mean=new_mean.astype(state.mean.dtype),

@@ -21,7 +21,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from ._adapter import output_dtype
 from ._batch_norm import batch_norm
-from ._checks import AxisName, check_momentum
+from ._checks import AxisName, check_bool, check_momentum
 from ._state import BatchStats, init
 
 __all__ = ["BatchNorm"]
@@ -286,14 +286,13 @@ def _check_constructor(
 
 
 def _check_inference(inference: Any, where: str) -> None:
-    if not isinstance(inference, (bool, np.bool_)):
-        raise TypeError(
-            f"`inference` must be a Python bool (True: the running statistics; False: the "
-            f"batch's, and a state update), got {type(inference).__name__} {inference!r} "
-            f"from {where}. It selects the code path at trace time: under jax.jit use "
-            f"eqx.filter_jit, which keeps the layer's bool fields static, or pass "
-            f"inference=True/False at the call."
-        )
+    check_bool(
+        inference,
+        "inference",
+        f"True: the running statistics; False: the batch's, and a state update; from {where}",
+        "under jax.jit use eqx.filter_jit, which keeps the layer's bool fields static, or "
+        "pass inference=True/False at the call",
+    )
 
 
 def _core_axis_name(axis_name: Hashable | Sequence[Hashable]) -> AxisName:

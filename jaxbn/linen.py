@@ -20,7 +20,13 @@ import jax.numpy as jnp
 from flax.linen import initializers
 from flax.typing import Dtype, Initializer
 
-from ._adapter import check_use_running_average, normalize_with_fields, output_dtype, stored
+from ._adapter import (
+    check_use_running_average,
+    check_variables,
+    normalize_with_fields,
+    output_dtype,
+    stored,
+)
 from ._checks import layout, with_shape
 from ._dtypes import wider_float
 
@@ -147,6 +153,10 @@ class BatchNorm(nn.Module):
             if self.use_bias
             else None
         )
+        check_variables(
+            lay.feature_shape, "in `batch_stats`", mean=ra_mean.value, var=ra_var.value
+        )
+        check_variables(lay.feature_shape, "in `params`", scale=scale, bias=bias)
         out_dtype = output_dtype(self.dtype, x, scale, bias)
         count = (
             self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))

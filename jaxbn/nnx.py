@@ -20,6 +20,7 @@ from flax.typing import Dtype, Initializer, PromoteDtypeFn
 from ._adapter import (
     check_features,
     check_use_running_average,
+    check_variables,
     normalize_with_fields,
     output_dtype,
     stored,
@@ -189,6 +190,10 @@ class BatchNorm(nnx.Module):
         scale = self.scale[...] if self.scale is not None else None
         bias = self.bias[...] if self.bias is not None else None
         stored_mean, stored_var = self.mean[...], self.var[...]
+        check_variables(
+            (self.num_features,), "of the layer", mean=stored_mean, var=stored_var,
+            scale=scale, bias=bias,
+        )
         arrays = (jnp.asarray(x), stored_mean, stored_var, scale, bias)
         if self.promote_dtype is dtypes.promote_dtype:
             x, mean, var, scale, bias = _promote(arrays, self.dtype)

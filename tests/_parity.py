@@ -47,10 +47,9 @@ def make_mask(kind, shape):
 
 
 def assert_close(actual, expected, tol=TOL):
-    """Same dtype and shape, and values within ``tol``."""
+    """Same dtype and shape, and values within ``tol`` (complex values compared as such)."""
     actual, expected = jnp.asarray(actual), jnp.asarray(expected)
     assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    np.testing.assert_allclose(
-        np.asarray(actual, np.float32), np.asarray(expected, np.float32), **tol
-    )
+    wide = np.complex64 if jnp.iscomplexobj(actual) else np.float32
+    np.testing.assert_allclose(np.asarray(actual, wide), np.asarray(expected, wide), **tol)

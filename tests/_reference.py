@@ -14,6 +14,11 @@ axis is reduced. ``mask`` is bool and broadcastable to ``x``; only its True entr
 toward the statistics, but every entry is normalized. Variances are biased (divide by the
 count) unless ``ddof`` says otherwise. The running statistics follow the EMA
 ``new = momentum * old + (1 - momentum) * batch``.
+
+``scale`` and ``bias`` are feature-shaped, or per-example (conditional batch norm): of ``x``'s
+rank and broadcastable to it, such as ``(N, 1, 1, C)`` for NHWC input. A complex ``x`` (as
+flax normalizes it) has a complex mean and the real variance ``E|x - mean|²``; the forward
+functions compute in complex128 then, everything else in float64.
 """
 
 from __future__ import annotations
@@ -55,6 +60,37 @@ def to_input(values: ArrayLike, shape: tuple[int, ...], axis: Axis) -> np.ndarra
     return np.reshape(values, [d if a in features else 1 for a, d in enumerate(shape)])
 
 
+def per_example_shape(shape: tuple[int, ...], axis: Axis) -> tuple[int, ...]:
+    """The shape of per-example (conditional) parameters for an input of ``shape`` whose
+    batch axis is 0: one value per example and feature, ``(N, 1, 1, C)`` for NHWC."""
+    features = feature_axes(len(shape), axis)
+    return (shape[0], *(d if a in features else 1 for a, d in enumerate(shape) if a))
+
+
+def as_float64(values: ArrayLike) -> np.ndarray:
+    """``values`` in float64, or in complex128 when they are complex."""
+    values = np.asarray(values)
+    return values.astype(np.complex128 if np.iscomplexobj(values) else np.float64)
+
+
+def placed(values: ArrayLike, shape: tuple[int, ...], axis: Axis) -> np.ndarray:
+    """A parameter (``scale`` or ``bias``) shaped to broadcast against an input of ``shape``:
+    a feature-shaped one is reshaped by :func:`to_input`, a per-example one (of the input's
+    rank) is used as it is."""
+    values = as_float64(values)
+    return values if values.ndim == len(shape) else to_input(values, shape, axis)
+
+
+def reduced_to(values: np.ndarray, like: ArrayLike | None, axis: Axis) -> np.ndarray:
+    """An elementwise gradient (shaped like ``x``) summed down to the shape of the parameter
+    ``like``: over the axes where a per-example parameter has size 1, or over every
+    reduction axis for a feature-shaped one (also when ``like`` is None)."""
+    if like is not None and np.ndim(like) == values.ndim:
+        kept = np.shape(like)
+        return values.sum(axis=tuple(a for a, d in enumerate(kept) if d == 1), keepdims=True)
+    return values.sum(axis=reduction_axes(values.ndim, axis))
+
+
 def _weights(x: np.ndarray, mask: ArrayLike | None) -> np.ndarray:
     """1.0 for the entries that count toward the statistics, 0.0 for the others."""
     return np.ones(x.shape) if mask is None else np.broadcast_to(np.asarray(mask), x.shape) * 1.0
@@ -66,13 +102,13 @@ def moments(
     """Per feature: the mean, the variance (``Σ(x - mean)² / (n - ddof)``) and the count ``n``
     of the valid entries. A feature with ``n <= ddof`` valid entries gets the sum itself
     (mean 0 and variance 0 when nothing is valid); its count says so."""
-    x = np.asarray(x, np.float64)
+    x = as_float64(x)
     reduce = reduction_axes(x.ndim, axis)
     weights = _weights(x, mask)
     count = weights.sum(axis=reduce)
     mean = (x * weights).sum(axis=reduce) / np.maximum(count, 1)
     centred = x - to_input(mean, x.shape, axis)
-    var = (centred**2 * weights).sum(axis=reduce) / np.maximum(count - ddof, 1)
+    var = (np.abs(centred) ** 2 * weights).sum(axis=reduce) / np.maximum(count - ddof, 1)
     return mean, var, count
 
 
@@ -85,17 +121,14 @@ def normalize(
     bias: ArrayLike | None = None,
     eps: float = EPS,
 ) -> np.ndarray:
-    """``scale * (x - mean) / sqrt(var + eps) + bias`` with per-feature statistics."""
-    x = np.asarray(x, np.float64)
-
-    def per_feature(values: ArrayLike) -> np.ndarray:
-        return to_input(np.asarray(values, np.float64), x.shape, axis)
-
-    y = (x - per_feature(mean)) / np.sqrt(per_feature(var) + eps)
+    """``scale * (x - mean) / sqrt(var + eps) + bias`` with per-feature statistics and
+    feature-shaped or per-example ``scale`` and ``bias``."""
+    x = as_float64(x)
+    y = (x - placed(mean, x.shape, axis)) / np.sqrt(placed(var, x.shape, axis) + eps)
     if scale is not None:
-        y = y * per_feature(scale)
+        y = y * placed(scale, x.shape, axis)
     if bias is not None:
-        y = y + per_feature(bias)
+        y = y + placed(bias, x.shape, axis)
     return y
 
 
@@ -120,17 +153,21 @@ def grads(
     scale: ArrayLike | None = None,
     mask: ArrayLike | None = None,
     eps: float = EPS,
+    bias: ArrayLike | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The gradients of ``sum(dy * y)``, ``y`` from :func:`batch_norm`, with respect to
-    ``x``, ``scale`` and ``bias``.
+    """The gradients of ``sum(dy * y)``, ``y`` from :func:`batch_norm` (real ``x``), with
+    respect to ``x``, ``scale`` and ``bias``; ``dscale`` and ``dbias`` have the shapes of
+    ``scale`` and ``bias`` (feature-shaped when None; only the shape of ``bias`` matters).
 
     μ and σ = sqrt(var + eps) depend only on the valid entries (m = 1), but every entry is
-    normalized with them, so for entry i (n = number of valid entries, x̂ = (x - μ)/σ)::
+    normalized with them, so for entry i (n = number of valid entries, x̂ = (x - μ)/σ,
+    g = dy · scale, the gradient with respect to x̂)::
 
-        dx_i = scale/σ · (dy_i − m_i · Σ dy / n − m_i · x̂_i · Σ dy·x̂ / n)
+        dx_i = 1/σ · (g_i − m_i · Σ g / n − m_i · x̂_i · Σ g·x̂ / n)
 
-    the textbook ``scale/σ · (dy − mean(dy) − x̂·mean(dy·x̂))`` without a mask, and the direct
-    path ``dy · scale/σ`` alone for a masked-out entry.
+    the textbook ``scale/σ · (dy − mean(dy) − x̂·mean(dy·x̂))`` without a mask and with a
+    feature-shaped scale, and the direct path ``g/σ`` alone for a masked-out entry. A
+    per-example scale differs between the entries of a feature, so it stays inside the sums.
     """
     x = np.asarray(x, np.float64)
     dy = np.asarray(dy, np.float64)
@@ -143,19 +180,17 @@ def grads(
 
     sigma = np.sqrt(var + eps)
     x_hat = (x - per_feature(mean)) / per_feature(sigma)
-    sum_dy = per_feature(dy.sum(axis=reduce))
-    sum_dy_x_hat = per_feature((dy * x_hat).sum(axis=reduce))
+    g = dy if scale is None else dy * placed(scale, x.shape, axis)
+    sum_g = per_feature(g.sum(axis=reduce))
+    sum_g_x_hat = per_feature((g * x_hat).sum(axis=reduce))
     n = per_feature(count)
-    gain = np.ones(sigma.shape) if scale is None else np.asarray(scale, np.float64)
-    dx = per_feature(gain / sigma) * (
-        dy - weights * sum_dy / n - weights * x_hat * sum_dy_x_hat / n
-    )
-    return dx, (dy * x_hat).sum(axis=reduce), dy.sum(axis=reduce)
+    dx = (g - weights * sum_g / n - weights * x_hat * sum_g_x_hat / n) / per_feature(sigma)
+    return dx, reduced_to(dy * x_hat, scale, axis), reduced_to(dy, bias, axis)
 
 
 def ema(old: ArrayLike, batch: ArrayLike, momentum: float) -> np.ndarray:
     """The running-statistics update ``momentum * old + (1 - momentum) * batch``."""
-    return momentum * np.asarray(old, np.float64) + (1 - momentum) * np.asarray(batch, np.float64)
+    return momentum * as_float64(old) + (1 - momentum) * as_float64(batch)
 
 
 class TrainStep(NamedTuple):
@@ -165,8 +200,8 @@ class TrainStep(NamedTuple):
     mean: np.ndarray  # the new running mean (feature-shaped)
     var: np.ndarray  # the new running variance (feature-shaped)
     dx: np.ndarray  # like x
-    dscale: np.ndarray  # feature-shaped
-    dbias: np.ndarray  # feature-shaped
+    dscale: np.ndarray  # like scale (feature-shaped or per-example)
+    dbias: np.ndarray  # like bias
 
 
 def train_step(
@@ -185,7 +220,7 @@ def train_step(
     """:func:`batch_norm`, :func:`ema` and :func:`grads` together: what one training step of
     ``jaxbn.batch_norm`` computes, and what the gradient of a linear loss is."""
     y, mean, var = batch_norm(x, axis, scale, bias, mask, eps)
-    dx, dscale, dbias = grads(x, dy, axis, scale, mask, eps)
+    dx, dscale, dbias = grads(x, dy, axis, scale, mask, eps, bias)
     return TrainStep(
         y=y,
         mean=ema(running_mean, mean, momentum),
@@ -196,24 +231,67 @@ def train_step(
     )
 
 
-def ghost_batch_norm(
-    x: ArrayLike, size: int, axis: Axis = -1, mask: ArrayLike | None = None, eps: float = EPS
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ghost batches of ``size`` along axis 0, each normalized with its own statistics (no
-    affine); also the mean over the groups with a valid entry of their means and variances,
-    which is what the running statistics are updated with."""
-    x = np.asarray(x, np.float64)
+def _ghost_groups(x: np.ndarray, size: int, mask: ArrayLike | None):
+    """``(rows, mask of those rows)`` for each ghost batch of ``size`` along axis 0."""
     mask = None if mask is None else np.broadcast_to(np.asarray(mask), x.shape)
-    outputs, means, variances = [], [], []
     for start in range(0, x.shape[0], size):
-        group = slice(start, start + size)
-        group_mask = None if mask is None else mask[group]
-        mean, var, count = moments(x[group], axis, group_mask)
-        outputs.append(normalize(x[group], mean, var, axis, eps=eps))
+        rows = slice(start, start + size)
+        yield rows, None if mask is None else mask[rows]
+
+
+def _rows_of(param: ArrayLike | None, rows: slice, x: np.ndarray) -> ArrayLike | None:
+    """The part of a per-example parameter that goes with ``rows`` of ``x`` (all of a
+    feature-shaped one, or of one with size 1 on axis 0)."""
+    if param is None or np.ndim(param) != x.ndim or np.shape(param)[0] == 1:
+        return param
+    return np.asarray(param)[rows]
+
+
+def ghost_batch_norm(
+    x: ArrayLike,
+    size: int,
+    axis: Axis = -1,
+    mask: ArrayLike | None = None,
+    eps: float = EPS,
+    scale: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ghost batches of ``size`` along axis 0, each normalized with its own statistics, then
+    ``scale`` and ``bias`` (both may be None); also the mean over the groups with a valid entry
+    of their means and variances, which is what the running statistics are updated with."""
+    x = np.asarray(x, np.float64)
+    outputs, means, variances = [], [], []
+    for rows, group_mask in _ghost_groups(x, size, mask):
+        mean, var, count = moments(x[rows], axis, group_mask)
+        outputs.append(normalize(x[rows], mean, var, axis, _rows_of(scale, rows, x),
+                                 _rows_of(bias, rows, x), eps))
         if np.all(count > 0):
             means.append(mean)
             variances.append(var)
     return np.concatenate(outputs), np.mean(means, axis=0), np.mean(variances, axis=0)
+
+
+def ghost_grads(
+    x: ArrayLike,
+    dy: ArrayLike,
+    size: int,
+    axis: Axis = -1,
+    scale: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
+    eps: float = EPS,
+    bias: ArrayLike | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`grads` of :func:`ghost_batch_norm`: each ghost batch is its own batch norm, so
+    ``dx`` is :func:`grads` group by group, and ``dscale``, ``dbias`` reduce ``dy·x̂`` and
+    ``dy`` (each group's x̂) to the shapes of ``scale`` and ``bias``."""
+    x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    dx, x_hat = [], []
+    for rows, group_mask in _ghost_groups(x, size, mask):
+        dx.append(grads(x[rows], dy[rows], axis, _rows_of(scale, rows, x), group_mask, eps)[0])
+        mean, var, _ = moments(x[rows], axis, group_mask)
+        x_hat.append(normalize(x[rows], mean, var, axis, eps=eps))
+    x_hat = np.concatenate(x_hat)
+    return np.concatenate(dx), reduced_to(dy * x_hat, scale, axis), reduced_to(dy, bias, axis)
 
 
 class Renorm(NamedTuple):

@@ -5,6 +5,8 @@ before anything trains. Parsing only: nothing here trains (test_experiments.py r
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import sys
 
@@ -20,6 +22,7 @@ VALUES = {
     "--dataset": ["digits"],
     "--devices": ["2"],
     "--out": ["somewhere"],
+    "--resume": ["somewhere"],
     "--budget": ["0.5"],
     "--processes": ["2"],
     "--compile-processes": ["2"],
@@ -129,6 +132,10 @@ BAD_INPUT = [
     (["--seeds", "2", "list"], r"unrecognized arguments: --seeds 2"),
     (["bench", "--processes", "0"], r"--processes: expected an integer >= 1, got .0."),
     (["plot", "{out}"], r"expected DIR/results.json, got DIR '.*' without one"),
+    (["--resume", "{out}"], r"argument --resume: expected a directory with a run to continue "
+                            r"\(DIR/results.json written by python -m experiments\), got '.*'"),
+    (["--checkpoint", "--no-checkpoint", *RUN], r"--no-checkpoint: not allowed with argument "
+                                                r"--checkpoint"),
     (["--devices", "16", "run", "convergence", *RUN], r"expected 16 devices, but jax has already "
                                                 r"started with 8"),
     (["run", "regularization", "--dataset", "mnist1d:100", *RUN],
@@ -172,3 +179,81 @@ def test_a_missing_extra_is_named_before_anything_runs(argv, module, pattern, tm
                                                        capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, module, None)  # as if not installed
     _stops_in_one_line(argv, pattern, tmp_path, capsys)
+
+
+# ------------------------------------------------------------------ --resume DIR
+
+# The options of the recorded run in every test below (meta.options of its results.json).
+RECORDED = {"claims": ["convergence"], "full": True, "seeds": 2, "dataset": "digits",
+            "devices": 1, "budget": 0.01, "tensorboard": False, "num_processes": None}
+
+
+@pytest.fixture
+def recorded_run(tmp_path, monkeypatch):
+    """A directory with an interrupted run's results.json, and the calls of run_suite
+    (replaced: nothing trains here; test_experiments.py resumes a real run)."""
+    from experiments import suite
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps(
+        {"meta": {"command": "python -m experiments ...", "options": RECORDED}, "claims": {}}))
+    calls = []
+    monkeypatch.setattr(suite, "run_suite", lambda claims, ctx, **kw: calls.append(
+        (claims, ctx, kw)) or True)
+    return run, calls
+
+
+@pytest.mark.parametrize("argv", [
+    ["--resume", "{run}"],
+    ["--full", "--seeds", "2", "run", "convergence", "--budget", "0.01", "--dataset", "digits",
+     "--resume", "{run}", "--out", "{run}"],
+    ["run", "convergence", "--resume", "{run}", "--no-progress"],
+])
+def test_resume_takes_the_run_options_from_the_run(argv, recorded_run):
+    run, calls = recorded_run
+    main([w.replace("{run}", str(run)) for w in argv])
+    ((claims, ctx, kwargs),) = calls
+    assert claims == ["convergence"] and ctx.out == str(run)
+    settings = ctx.settings
+    assert (settings.quick, settings.seeds, settings.dataset, settings.budget) == (
+        False, 2, "digits", 0.01)
+    assert settings.resume and settings.checkpoint  # full mode: checkpoints by default
+    assert kwargs["options"] == RECORDED
+
+
+def test_resume_without_checkpoints_when_asked(recorded_run):
+    run, calls = recorded_run
+    main(["--resume", str(run), "--no-checkpoint", "--no-progress"])
+    ((_, ctx, _),) = calls
+    assert ctx.settings.resume and not ctx.settings.checkpoint and not ctx.show_progress
+
+
+@pytest.mark.parametrize(("argv", "pattern"), [
+    (["--seeds", "3"], r"--resume: the run in .* has --seeds 2, got --seeds 3; leave the run's "
+                       r"options out or repeat them unchanged"),
+    (["--quick"], r"has --full, got --quick"),
+    (["run", "sync"], r"has claims convergence, got claims sync"),
+    (["run", "all"], r"has claims convergence, got claims convergence covariate-shift"),
+    (["--devices", "2"], r"has --devices 1, got --devices 2"),
+    (["--tensorboard"], r"has no --tensorboard, got --tensorboard"),
+    (["--out", "elsewhere"], r"expected no --out with --resume DIR \(it writes to DIR\), got "
+                             r"--out elsewhere --resume "),
+])
+def test_resume_rejects_other_run_options_in_one_line(argv, pattern, recorded_run, capsys):
+    run, calls = recorded_run
+    before = (run / "results.json").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--resume", str(run), *argv])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1, error
+    assert re.search(pattern, error), error
+    assert calls == [] and os.listdir(run) == ["results.json"]
+    assert (run / "results.json").read_text() == before
+
+
+def test_resume_rejects_a_directory_without_recorded_options(tmp_path, capsys):
+    (tmp_path / "results.json").write_text(json.dumps({"meta": {}, "claims": {}}))
+    with pytest.raises(SystemExit):
+        main(["--resume", str(tmp_path)])
+    assert "expected a directory with a run to continue" in capsys.readouterr().err

@@ -5,18 +5,22 @@ Tiny sizes throughout; conftest.py provides 8 host devices and strict dtype/rank
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import data, verdict
+from experiments import data, loop, verdict
 from experiments.__main__ import main
 from experiments.claims import overhead
 from experiments.loop import train_and_evaluate
@@ -225,12 +229,23 @@ def test_cli_list_in_a_subprocess():
     assert len(lines) == 12 and lines[0].startswith("convergence")
 
 
-def test_cli_run_writes_report_png_and_results(tmp_path, capsys):
+# Full mode, 2 seeds, 50 steps with an evaluation after each; checkpoints every 5 steps.
+FULL_CONVERGENCE = ["--full", "--seeds", "2", "run", "convergence", "--budget", "0.01",
+                    "--dataset", "digits", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def full_convergence(tmp_path_factory) -> tuple[Path, str]:
+    """The directory of one uninterrupted FULL_CONVERGENCE run, and what it printed."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        main([*FULL_CONVERGENCE, "--out", str(out)])
+    return out, printed.getvalue()
+
+
+def test_cli_run_writes_report_png_and_results(full_convergence):
     """The issue's example: options before the command reach the run (full mode, 2 seeds)."""
-    out = tmp_path / "run"
-    main(["--full", "--seeds", "2", "run", "convergence", "--budget", "0.01", "--dataset",
-          "digits", "--out", str(out), "--no-progress"])
-    printed = capsys.readouterr().out
+    out, printed = full_convergence
     assert "| convergence |" in printed and "report.md" in printed
     assert {"report.md", "results.json", "convergence.png"} <= set(os.listdir(out))
     results = json.loads((out / "results.json").read_text())
@@ -256,10 +271,64 @@ def test_cli_run_writes_report_png_and_results(tmp_path, capsys):
     assert (out / "convergence" / "bn" / "metrics.jsonl").exists()
     report = (out / "report.md").read_text()
     assert "| claim | verdict |" in report and "![convergence](convergence.png)" in report
+    assert (out / "convergence" / "bn" / "checkpoints").is_dir()  # full mode: on by default
     # plots and report are remade from the files alone
     os.remove(out / "convergence.png")
     main(["plot", str(out)])
     assert (out / "convergence.png").exists()
+
+
+def _without_times(value):
+    """``value`` without its wall times (``runtime_s``, ``seconds``), which no rerun repeats."""
+    if isinstance(value, dict):
+        return {k: _without_times(v) for k, v in value.items() if k not in ("runtime_s",
+                                                                             "seconds")}
+    return value
+
+
+def test_an_interrupted_full_run_resumed_gives_the_same_results(full_convergence, tmp_path,
+                                                                monkeypatch):
+    """Issue 11: a full run interrupted in its second group of runs (at step 27, after the
+    checkpoint at 25) and continued with ``--resume DIR`` writes the results.json values of
+    the uninterrupted run; the finished group is not trained again, the other from step 25."""
+    out = tmp_path / "run"
+    real = loop.train_and_evaluate
+
+    def interrupted(config, workdir, **kwargs):
+        if config.name == "convergence/bn":
+            real(config, workdir, stop_at=27, **kwargs)
+            raise KeyboardInterrupt  # as Ctrl-C between two checkpoints
+        return real(config, workdir, **kwargs)
+
+    monkeypatch.setattr(loop, "train_and_evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main([*FULL_CONVERGENCE, "--out", str(out)])
+    interrupted_run = json.loads((out / "results.json").read_text())
+    assert interrupted_run["claims"] == {} and not interrupted_run["meta"]["complete"]
+
+    monkeypatch.setattr(loop, "train_and_evaluate", real)
+    trained = collections.Counter()
+    chunk = Trainer.chunk
+
+    def counted(self, state, start, length):
+        trained[self.config.name] += length
+        return chunk(self, state, start, length)
+
+    monkeypatch.setattr(Trainer, "chunk", counted)
+    main(["--resume", str(out), "--no-progress"])
+    assert trained == {"convergence/bn": 50 - 25}
+    resumed = json.loads((out / "results.json").read_text())
+    straight = json.loads((full_convergence[0] / "results.json").read_text())
+    assert _without_times(resumed["claims"]) == _without_times(straight["claims"])
+    assert resumed["meta"]["complete"] and len(resumed["meta"]["resumed"]) == 1
+    assert resumed["meta"]["options"] == straight["meta"]["options"]
+    lines = (out / "convergence" / "bn" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 51))
+
+    main(["--resume", str(out), "--no-progress"])  # complete: nothing left to train
+    assert trained == {"convergence/bn": 50 - 25}
+    again = json.loads((out / "results.json").read_text())
+    assert again["claims"] == resumed["claims"] and len(again["meta"]["resumed"]) == 2
 
 
 def test_tensorboard_event_files_when_tensorboardx_is_installed(tmp_path, digits):

@@ -1,7 +1,8 @@
 """The float64 reference (tests/_reference.py) that the other tests trust, checked on its own.
 
-Its gradients against central finite differences of its own forward pass, its statistics and
-outputs against values worked out by hand, its variants against the identities that define
+Its gradients against central finite differences of its own forward pass (feature-shaped and
+per-example scale and bias, ghost batches included), its statistics and outputs against values
+worked out by hand (complex input included), its variants against the identities that define
 them, and a negative control: the finite-difference check rejects the gradients one gets by
 forgetting that the batch statistics depend on x, or that masked-out entries do not feed them.
 """
@@ -19,9 +20,15 @@ def _numeric_gradient(loss: Callable[[np.ndarray], float], at: np.ndarray) -> np
     return ref.jacobian(loss, [at], 0)
 
 
-def _problem(shape: tuple[int, ...], axis: ref.Axis, mask_kind: str | None, seed: int = 0):
+def _problem(
+    shape: tuple[int, ...],
+    axis: ref.Axis,
+    mask_kind: str | None,
+    seed: int = 0,
+    per_example: bool = False,
+):
     rng = np.random.default_rng(seed)
-    features = ref.feature_shape(shape, axis)
+    features = ref.per_example_shape(shape, axis) if per_example else ref.feature_shape(shape, axis)
     x = rng.normal(size=shape) * 2.0 + 1.0
     dy = rng.normal(size=shape)
     scale, bias = rng.uniform(0.5, 2.0, features), rng.normal(size=features)
@@ -43,18 +50,59 @@ GRADIENT_CASES = [
 ]
 
 
+@pytest.mark.parametrize("per_example", [False, True], ids=["feature-params", "per-example"])
 @pytest.mark.parametrize(("shape", "axis", "mask_kind"), GRADIENT_CASES)
-def test_gradients_match_finite_differences(shape, axis, mask_kind):
-    x, dy, scale, bias, mask = _problem(shape, axis, mask_kind)
+def test_gradients_match_finite_differences(shape, axis, mask_kind, per_example):
+    x, dy, scale, bias, mask = _problem(shape, axis, mask_kind, per_example=per_example)
 
     def loss(x=x, scale=scale, bias=bias) -> float:
         return float((ref.batch_norm(x, axis, scale, bias, mask)[0] * dy).sum())
 
-    dx, dscale, dbias = ref.grads(x, dy, axis, scale, mask)
+    dx, dscale, dbias = ref.grads(x, dy, axis, scale, mask, bias=bias)
     np.testing.assert_allclose(dx, _numeric_gradient(lambda v: loss(x=v), x), atol=1e-7)
     np.testing.assert_allclose(dscale, _numeric_gradient(lambda v: loss(scale=v), scale),
                                atol=1e-7)
     np.testing.assert_allclose(dbias, _numeric_gradient(lambda v: loss(bias=v), bias), atol=1e-7)
+
+
+@pytest.mark.parametrize("per_example", [False, True], ids=["feature-params", "per-example"])
+def test_ghost_gradients_match_finite_differences(per_example):
+    x, dy, scale, bias, mask = _problem((8, 3, 2), -1, "rows", per_example=per_example)
+
+    def loss(x=x, scale=scale, bias=bias) -> float:
+        return float((ref.ghost_batch_norm(x, 4, -1, mask, scale=scale, bias=bias)[0] * dy).sum())
+
+    dx, dscale, dbias = ref.ghost_grads(x, dy, 4, -1, scale, mask, bias=bias)
+    np.testing.assert_allclose(dx, _numeric_gradient(lambda v: loss(x=v), x), atol=1e-7)
+    np.testing.assert_allclose(dscale, _numeric_gradient(lambda v: loss(scale=v), scale),
+                               atol=1e-7)
+    np.testing.assert_allclose(dbias, _numeric_gradient(lambda v: loss(bias=v), bias), atol=1e-7)
+
+
+def test_per_example_params_scale_and_shift_each_example():
+    """A per-example scale and bias act on their own example only; a per-example parameter
+    that is the same for every example is the feature-shaped one."""
+    x, _, scale, bias, _ = _problem((4, 3, 2), 1, None, per_example=True)
+    assert scale.shape == bias.shape == (4, 3, 1)
+    y = ref.batch_norm(x, 1, scale, bias)[0]
+    x_hat = ref.batch_norm(x, 1)[0]
+    for n in range(4):
+        np.testing.assert_allclose(y[n], x_hat[n] * scale[n] + bias[n])
+    shared = ref.batch_norm(x, 1, np.broadcast_to(scale[:1], scale.shape), bias[0, :, 0])[0]
+    np.testing.assert_allclose(shared, ref.batch_norm(x, 1, scale[0, :, 0], bias[0, :, 0])[0])
+
+
+def test_complex_moments_by_hand():
+    """A complex x (flax's convention): the mean is complex, the variance E|x - mean|² real."""
+    x = np.array([[1 + 1j, 2.0], [3 - 1j, 2.0], [2 + 3j, 2.0]])
+    mean, var, count = ref.moments(x)
+    np.testing.assert_allclose(mean, [2 + 1j, 2.0])
+    # |x - mean|²: |-1|² = 1, |1 - 2j|² = 5, |2j|² = 4
+    np.testing.assert_allclose(var, [10 / 3, 0.0])
+    assert var.dtype == np.float64 and count.tolist() == [3, 3]
+    y, _, _ = ref.batch_norm(x, scale=[1.0, 1.0])
+    assert y.dtype == np.complex128
+    np.testing.assert_allclose(y[:, 0], (x[:, 0] - (2 + 1j)) / np.sqrt(10 / 3 + ref.EPS))
 
 
 def test_second_derivatives_of_the_analytic_gradient_are_symmetric():

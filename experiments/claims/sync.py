@@ -49,9 +49,11 @@ def configs(settings):
 def _in_subprocess(ctx):
     out = os.path.join(ctx.out, ID, "subprocess")
     s = ctx.settings
+    resumable = s.resume and os.path.isfile(os.path.join(out, "results.json"))
     command = [sys.executable, "-m", "experiments", "run", ID, "--devices", str(DEVICES),
-               "--out", out, "--quick" if s.quick else "--full", "--seeds", str(len(s.seed_list)),
-               "--budget", str(s.budget), "--no-progress"]
+               "--resume" if resumable else "--out", out, "--quick" if s.quick else "--full",
+               "--seeds", str(len(s.seed_list)), "--budget", str(s.budget), "--no-progress",
+               "--checkpoint" if s.checkpoint else "--no-checkpoint"]
     if s.dataset:
         command += ["--dataset", s.dataset]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
