@@ -158,7 +158,13 @@ def _all_gather(value: jax.Array, axis_name: AxisName, axis_index_groups: Any) -
             out = lax.all_gather(out, name, axis=0, tiled=True)
     device_names = tuple(name for name in names if name in manual)
     if device_names:
-        out = lax.all_gather(out, device_names, axis=0, tiled=True, to="invarying")
+        # `to="invarying"` where JAX types the value as varying over those names (shard_map
+        # with check_vma=True). With check_vma=False nothing is typed, and JAX transposes
+        # such a gather into a local slice, which a second reverse pass (reverse-over-reverse
+        # Hessian-vector products) then gets wrong: a plain gather there.
+        typed = set(device_names) <= set(jax.typeof(out).manual_axis_type.varying)
+        to = "invarying" if typed else "varying"
+        out = lax.all_gather(out, device_names, axis=0, tiled=True, to=to)
     return out
 
 

@@ -352,24 +352,14 @@ def assert_tree_close(actual: Any, expected: Any, tol: float, what: str) -> None
                                    err_msg=f"{what}, leaf {index}")
 
 
-# A jaxbn bug, pinned: under shard_map(check_vma=False), which equinox's layer needs (see
-# layer_fn), reverse-over-reverse is wrong (O(1) errors; forward-over-reverse and the Hessian
-# are right). The statistics' all_gather(to="invarying") transposes to a local slice, which
-# is right only when JAX tracks device variance (check_vma=True); a second reverse pass
-# differentiates it. equinox's own BatchNorm gets it right there (test_matches_flax).
-REV_REV_UNCHECKED = pytest.mark.xfail(
-    strict=True,
-    reason="jaxbn: reverse-over-reverse under shard_map(check_vma=False) transposes the "
-    "statistics' all_gather(to='invarying') to a local slice",
-)
-
-
+# Regression: under shard_map(check_vma=False), which equinox's layer needs (see layer_fn),
+# reverse-over-reverse was wrong (O(1) errors) while the statistics' all_gather was
+# to="invarying": JAX transposes that to a local slice when it does not track device
+# variance. The equinox sync cases below cover it.
 def _marks(mode: str, subject: str, option: str) -> list[pytest.MarkDecorator]:
     marks = []
     if option.startswith("sync"):  # 8 devices: the costliest programs to compile
         marks.append(pytest.mark.slow)
-    if mode == "hvp_rev_rev" and subject == "equinox" and option.startswith("sync"):
-        marks.append(REV_REV_UNCHECKED)
     return marks
 
 
