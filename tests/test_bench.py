@@ -299,15 +299,19 @@ def test_bandwidth_is_the_counted_bytes_over_the_time_at_the_largest_shape(backe
 
 @pytest.mark.slow
 def test_the_benchmark_runs_at_toy_size(tmp_path, capsys):
-    results = bench.run_bench(
-        out=tmp_path,
-        shapes=TOY_SHAPES,
-        rounds=1,
-        mlp=TOY_MLP,
-        resnet=TOY_RESNET,
-        folding={"batch": 2, "size": 4, "channels": (4, 8)},
-        compile_processes=1,
-    )
+    # In this process (the workers' own process start is tested above), under the default
+    # promotion rules a fresh process would have (flax and the proxy rely on them).
+    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+        results = bench.run_bench(
+            out=tmp_path,
+            shapes=TOY_SHAPES,
+            rounds=1,
+            mlp=TOY_MLP,
+            resnet=TOY_RESNET,
+            folding={"batch": 2, "size": 4, "channels": (4, 8)},
+            compile_processes=1,
+            fresh_processes=False,
+        )
     printed = capsys.readouterr().out
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved == json.loads(json.dumps(results))

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from typing import Any
 
-__all__ = ["TASKS", "main", "run_in_fresh_process"]
+__all__ = ["TASKS", "main", "run_in_fresh_process", "run_in_this_process"]
 
 # Each task is the function of that name in the module given here (imported in the child
 # only, so that importing this module imports no jax).
@@ -65,16 +65,31 @@ def run_in_fresh_process(task: str, **kwargs: Any) -> Any:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def run_in_this_process(task: str, **kwargs: Any) -> Any:
+    """Runs ``task`` here, through the same JSON round trip as :func:`run_in_fresh_process`.
+
+    For tests of the bench's plumbing at toy size, where a fresh process per measurement
+    (a few seconds of start-up each) would dominate; the numbers are not a user's.
+    """
+    if task not in TASKS:
+        raise ValueError(f"Expected `task` in {tuple(TASKS)}, got {task!r}.")
+    return json.loads(_run(task, json.loads(json.dumps(kwargs))))
+
+
+def _run(task: str, kwargs: dict[str, Any]) -> str:
+    """The JSON text of ``task``'s result, with ``kwargs`` as they come back from JSON."""
+    if "shapes" in kwargs:  # back from JSON lists to the (label, shape, axis, dtype) tuples
+        kwargs["shapes"] = [(lbl, tuple(s), axis, dt) for lbl, s, axis, dt in kwargs["shapes"]]
+    function = getattr(importlib.import_module(f"{__package__}.{TASKS[task]}"), task)
+    return json.dumps(function(**kwargs))
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m experiments.bench.worker TASK [KWARGS]``: prints the result as JSON."""
     task, *rest = sys.argv[1:] if argv is None else argv
     if task not in TASKS:
         raise SystemExit(f"Expected TASK in {tuple(TASKS)}, got {task!r}.")
-    kwargs = json.loads(rest[0]) if rest else {}
-    if "shapes" in kwargs:  # back from JSON lists to the (label, shape, axis, dtype) tuples
-        kwargs["shapes"] = [(lbl, tuple(s), axis, dt) for lbl, s, axis, dt in kwargs["shapes"]]
-    function = getattr(importlib.import_module(f"{__package__}.{TASKS[task]}"), task)
-    print(json.dumps(function(**kwargs)))
+    print(_run(task, json.loads(rest[0]) if rest else {}))
     return 0
 
 
