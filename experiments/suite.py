@@ -51,12 +51,15 @@ def _cpu_name() -> str:
 
 
 def provenance() -> dict[str, Any]:
-    """Where and when results come from: the commit (and whether tracked files had changes),
-    the date, the machine and the versions."""
+    """Where and when results come from: the commit (and whether tracked files other than
+    the recorded results in ``experiments/reference/`` had changes), the date, the machine
+    and the versions."""
     import flax
     import jax
 
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # A recorded results.json being rewritten is data, not a change to the code that ran.
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                  ":(exclude)experiments/reference")
     return {
         "commit": _git("rev-parse", "HEAD"),
         "uncommitted_changes": None if status is None else bool(status),

@@ -74,3 +74,28 @@ def test_readme_command_checks_then_rewrites(tmp_path):
     assert readme.main(check=True, readme=path, directory=tmp_path) == 0
     text = path.read_text()
     assert "stale" not in text and text.startswith("# title") and text.endswith("\n\nrest\n")
+
+
+def test_provenance_counts_code_changes_but_not_rewritten_reference_results(tmp_path, monkeypatch):
+    """A suite recorded while another mode's results.json is being rewritten ran committed
+    code; an edit to any other tracked file makes the recording 'with uncommitted changes'."""
+    import subprocess
+
+    from experiments import suite
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    results = tmp_path / "experiments" / "reference" / "quick" / "results.json"
+    results.parent.mkdir(parents=True)
+    results.write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init")
+    monkeypatch.setattr(suite, "_REPO", str(tmp_path))
+    assert suite.provenance()["uncommitted_changes"] is False
+    results.write_text('{"claims": {}}')
+    assert suite.provenance()["uncommitted_changes"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert suite.provenance()["uncommitted_changes"] is True
