@@ -42,7 +42,7 @@ EXTRAS = {
 DESCRIPTION = """\
 Put the seed articles' claims about batch normalization to a measured test.
 
-  python -m experiments [OPTIONS]       every claim, quick mode (~5 min on 2 CPU cores)
+  python -m experiments [OPTIONS]       every claim, quick mode (~8 min on 2 CPU cores)
   python -m experiments list            the claims, one line each
   python -m experiments run CLAIM...    some claims (quick mode unless --full)
   python -m experiments plot DIR        remake the figures and report.md from DIR/results.json

@@ -26,7 +26,7 @@ REFERENCE = ROOT / "experiments" / "reference"
 BEGIN = ("<!-- results: written by `python -m experiments readme` from "
          "experiments/reference/*/results.json; do not edit by hand -->")
 END = "<!-- /results -->"
-MODES = {  # the command that records each mode (~5 and ~25 minutes on 2 CPU cores)
+MODES = {  # the command that records each mode (~8 and ~35 minutes on 2 CPU cores)
     "quick": "python -m experiments --out experiments/reference/quick",
     "full": "python -m experiments --full --out experiments/reference/full",
 }
