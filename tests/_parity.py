@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,3 +54,19 @@ def assert_close(actual, expected, tol=TOL):
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     wide = np.complex64 if jnp.iscomplexobj(actual) else np.float32
     np.testing.assert_allclose(np.asarray(actual, wide), np.asarray(expected, wide), **tol)
+
+
+def assert_tree_close(actual: Any, expected: Any, tol: float, what: str) -> None:
+    """Every leaf of ``actual`` within ``rtol=tol`` of ``expected``'s, and within ``tol`` times
+    the largest entry of that expected leaf (a leaf's near-zero entries have no relative
+    scale of their own); the same tree structure and shapes."""
+    actual_leaves, actual_def = jax.tree.flatten(actual)
+    expected_leaves, expected_def = jax.tree.flatten(expected)
+    assert actual_def == expected_def, (what, actual_def, expected_def)
+    for index, (a, e) in enumerate(zip(actual_leaves, expected_leaves, strict=True)):
+        a = np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
+        e = np.asarray(e, np.float64)
+        assert a.shape == e.shape, (what, index, a.shape, e.shape)
+        scale = np.max(np.abs(e), initial=0.0)
+        np.testing.assert_allclose(a, e, rtol=tol, atol=tol * scale,
+                                   err_msg=f"{what}, leaf {index}")

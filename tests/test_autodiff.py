@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _parity import standard
+from _parity import assert_tree_close, standard
 from flax import nnx
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
@@ -251,6 +251,10 @@ def layer_fn(name: str, p: Problem) -> Callable[..., Any]:
             # Equinox's layer runs under a vmap inside shard_map, where JAX 0.10.2 with
             # check_vma=True fails an internal assertion on any collective over the
             # vmap-bound name (a plain lax.psum(v, "batch") included).
+            # Regression: under check_vma=False reverse-over-reverse was wrong (O(1) errors)
+            # while the statistics' all_gather was to="invarying": JAX transposes that to a
+            # local slice when it does not track device variance. The equinox sync cases
+            # cover it.
             check_vma=not name.startswith("equinox"),
         )
     return lambda x, scale, bias: layer(x, scale, bias, p.mask, variables)
@@ -327,6 +331,7 @@ def truth(option: str) -> dict[str, Any]:
 
     jacfwd = tuple(ref.jacobian(output, args, i) for i in _X_SCALE_BIAS)
     hessian_columns = [ref.jacobian(grad, args, j) for j in _X_SCALE_BIAS]  # [j][i]
+    hvp = ref.directional_derivative(grad, args, direction)
     return {
         "jvp": ref.directional_derivative(output, args, tangents[0]),
         "linearize": tuple(ref.directional_derivative(output, args, t) for t in tangents),
@@ -334,38 +339,19 @@ def truth(option: str) -> dict[str, Any]:
         "grad": grad(*args),
         "hessian": tuple(tuple(hessian_columns[j][i] for j in _X_SCALE_BIAS)
                          for i in _X_SCALE_BIAS),
-        "hvp_fwd_rev": ref.directional_derivative(grad, args, direction),
-        "hvp_rev_rev": ref.directional_derivative(grad, args, direction),
+        "hvp_fwd_rev": hvp,
+        "hvp_rev_rev": hvp,
     }
 
 
-def assert_tree_close(actual: Any, expected: Any, tol: float, what: str) -> None:
-    actual_leaves, actual_def = jax.tree.flatten(actual)
-    expected_leaves, expected_def = jax.tree.flatten(expected)
-    assert actual_def == expected_def, (what, actual_def, expected_def)
-    for index, (a, e) in enumerate(zip(actual_leaves, expected_leaves, strict=True)):
-        a = np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
-        e = np.asarray(e, np.float64)
-        assert a.shape == e.shape, (what, index, a.shape, e.shape)
-        scale = np.max(np.abs(e), initial=0.0)
-        np.testing.assert_allclose(a, e, rtol=tol, atol=tol * scale,
-                                   err_msg=f"{what}, leaf {index}")
-
-
-# Regression: under shard_map(check_vma=False), which equinox's layer needs (see layer_fn),
-# reverse-over-reverse was wrong (O(1) errors) while the statistics' all_gather was
-# to="invarying": JAX transposes that to a local slice when it does not track device
-# variance. The equinox sync cases below cover it.
-def _marks(mode: str, subject: str, option: str) -> list[pytest.MarkDecorator]:
-    marks = []
-    if option.startswith("sync"):  # 8 devices: the costliest programs to compile
-        marks.append(pytest.mark.slow)
-    return marks
+def _marks(option: str) -> list[pytest.MarkDecorator]:
+    # 8 devices: the costliest programs to compile
+    return [pytest.mark.slow] if option.startswith("sync") else []
 
 
 CASES = [
     pytest.param(mode, subject, option, id=f"{mode}-{subject}-{option}",
-                 marks=_marks(mode, subject, option))
+                 marks=_marks(option))
     for option in OPTIONS for subject in SUBJECTS for mode in MODES
 ]
 
@@ -383,7 +369,7 @@ def test_matches_float64(mode, subject, option):
 
 PARITY_CASES = [
     pytest.param(mode, subject, option, id=f"{mode}-{subject}-{option}",
-                 marks=_marks(mode, subject, option))
+                 marks=_marks(option))
     for option in OPTIONS for subject in SUBJECTS for mode in MODES
     if option in COUNTERPART_OPTIONS[COUNTERPARTS[subject]] and mode != "state"
 ]

@@ -29,8 +29,8 @@ VALUES = {
     "--resnet-batch": ["2"],
     "--resnet-size": ["16"],
     "--coordinator": DISTRIBUTED[1:],
-    "--num-processes": [*DISTRIBUTED[3:4], *DISTRIBUTED[:2], *DISTRIBUTED[4:]],
-    "--process-id": [*DISTRIBUTED[5:], *DISTRIBUTED[:4]],
+    "--num-processes": ["2", "--coordinator", "localhost:1234", "--process-id", "1"],
+    "--process-id": ["1", "--coordinator", "localhost:1234", "--num-processes", "2"],
 }
 POSITIONALS = {"list": [], "run": ["convergence"], "plot": ["somewhere"], "bench": [],
                "readme": []}

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _parity import BF16_TOL, TOL, assert_close, batches, make_mask, standard
+from _parity import BF16_TOL, TOL, assert_close, assert_tree_close, batches, make_mask, standard
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -793,11 +793,7 @@ def _train_with_grads(x, params, dy, **kwargs):
 
 def _assert_grads_match(got, expected, rtol=1e-4):
     """dx, dscale, dbias within ``rtol`` of the largest expected entry."""
-    for g, e, name in zip(got, expected, ("dx", "dscale", "dbias"), strict=True):
-        assert g.shape == e.shape, (name, g.shape, e.shape)
-        scale = rtol * np.max(np.abs(e))
-        np.testing.assert_allclose(np.asarray(g, np.float64), e, rtol=rtol, atol=scale,
-                                   err_msg=name)
+    assert_tree_close(tuple(got), tuple(expected), rtol, "dx, dscale, dbias")
 
 
 @pytest.mark.parametrize("mask_kind", [None, "random"])
