@@ -59,7 +59,7 @@ def check_name(name: str) -> tuple[str, str]:
       ValueError: for an unknown name, a bad sample count or a missing IDX file.
     """
     kind, _, argument = name.partition(":")
-    if kind == "digits" and name == "digits":
+    if name == "digits":
         return kind, argument
     if kind == "mnist1d":
         if name != "mnist1d" and not (argument.isdigit() and int(argument) >= MNIST1D_MIN):

@@ -23,7 +23,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -49,11 +49,6 @@ class Result:
     step_seconds: float  # median seconds per step after this session's first chunk (no
     # compilation); NaN when this session trained none
     grad_norms_at_init: np.ndarray | None = None  # (R, layers)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def runs(self) -> list[dict[str, float]]:
-        return self.config.runs()
 
     def final(self, name: str) -> np.ndarray:
         """The last logged value of ``name`` for every run (NaN for a stopped run)."""
@@ -86,7 +81,7 @@ class MetricsLog:
         self.path = os.path.join(workdir, "metrics.jsonl") if workdir else None
         self.writes = writes
         self.writers: list[Any] = []
-        self.kept = [r for r in self.history() if r["step"] <= keep_until]
+        self.kept = [r for r in self._history() if r["step"] <= keep_until]
         if self.path and writes and os.path.exists(self.path):
             with open(self.path + ".tmp", "w") as f:
                 f.writelines(json.dumps(r, allow_nan=True) + "\n" for r in self.kept)
@@ -97,7 +92,7 @@ class MetricsLog:
                 writer(os.path.join(workdir, "tensorboard", f"run_{i}")) for i in range(num_runs)
             ]
 
-    def history(self) -> list[dict[str, Any]]:
+    def _history(self) -> list[dict[str, Any]]:
         """The records written so far."""
         if not self.path or not os.path.exists(self.path):
             return []

@@ -73,14 +73,9 @@ class Norm(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         if self.kind == "none":
             return x
-        if self.kind == "bn":
-            return jaxbn.linen.BatchNorm(
-                use_running_average=not train,
-                momentum=self.bn_momentum,
-                axis_name=self.axis_name,
-            )(x)
-        if self.kind == "flax-bn":
-            return nn.BatchNorm(
+        if self.kind in ("bn", "flax-bn"):  # jaxbn's drop-in, or flax's own (overhead)
+            batch_norm = jaxbn.linen.BatchNorm if self.kind == "bn" else nn.BatchNorm
+            return batch_norm(
                 use_running_average=not train,
                 momentum=self.bn_momentum,
                 axis_name=self.axis_name,

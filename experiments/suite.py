@@ -73,13 +73,15 @@ def provenance() -> dict[str, Any]:
     }
 
 
-def _meta(ctx: Context, command: str, options: dict[str, Any]) -> dict[str, Any]:
-    """A new run's ``meta``; resumed, the recorded one with this session's provenance
+def _meta(
+    ctx: Context, command: str, options: dict[str, Any], recorded: dict[str, Any] | None
+) -> dict[str, Any]:
+    """A new run's ``meta``; resumed, the ``recorded`` one with this session's provenance
     appended to ``resumed``."""
     import jax
 
-    if ctx.settings.resume:
-        meta = report.load_results(ctx.out)["meta"]
+    if recorded is not None:
+        meta = recorded["meta"]
         return {**meta, "resumed": [*meta.get("resumed", []),
                                     {"command": command, **provenance()}]}
     settings = ctx.settings
@@ -108,8 +110,9 @@ def run_suite(claim_ids: Sequence[str], ctx: Context, *, command: str,
     """
     import jax
 
-    meta = _meta(ctx, command, options or {})
-    earlier = report.load_results(ctx.out)["claims"] if ctx.settings.resume else {}
+    recorded = report.load_results(ctx.out) if ctx.settings.resume else None
+    meta = _meta(ctx, command, options or {}, recorded)
+    earlier = recorded["claims"] if recorded is not None else {}
     entries = {c: e for c, e in earlier.items() if c in claim_ids and "error" not in e}
     primary = jax.process_index() == 0
     started, earlier_runtime = time.perf_counter(), meta["runtime_s"]

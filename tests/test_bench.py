@@ -19,10 +19,11 @@ from jax.sharding import PartitionSpec as P
 import jaxbn
 import jaxbn.linen
 from experiments import bench
+from experiments.bench import command
 from experiments.bench.command import _bandwidth, _merge
 from experiments.bench.layers import _layers, layer_passes, residuals
 from experiments.bench.networks import step_config
-from experiments.bench.worker import run_in_fresh_process
+from experiments.bench.worker import run_in_fresh_process, run_in_this_process
 from experiments.hlo import count_collectives, count_passes
 from experiments.models import BottleneckResNetBlock, ResNet, ResNet18, ResNet50
 
@@ -298,9 +299,10 @@ def test_bandwidth_is_the_counted_bytes_over_the_time_at_the_largest_shape(backe
 
 
 @pytest.mark.slow
-def test_the_benchmark_runs_at_toy_size(tmp_path, capsys):
+def test_the_benchmark_runs_at_toy_size(tmp_path, capsys, monkeypatch):
     # In this process (the workers' own process start is tested above), under the default
     # promotion rules a fresh process would have (flax and the proxy rely on them).
+    monkeypatch.setattr(command, "run_in_fresh_process", run_in_this_process)
     with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
         results = bench.run_bench(
             out=tmp_path,
@@ -310,7 +312,6 @@ def test_the_benchmark_runs_at_toy_size(tmp_path, capsys):
             resnet=TOY_RESNET,
             folding={"batch": 2, "size": 4, "channels": (4, 8)},
             compile_processes=1,
-            fresh_processes=False,
         )
     printed = capsys.readouterr().out
     saved = json.loads((tmp_path / "bench.json").read_text())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-from collections.abc import Callable
 from typing import Any
 
 from . import report
@@ -25,7 +24,7 @@ from .spec import (
     STEP_NORMS,
     Shape,
 )
-from .worker import run_in_fresh_process, run_in_this_process
+from .worker import run_in_fresh_process
 
 __all__ = ["add_arguments", "measure", "run_bench", "run_from_args"]
 
@@ -105,7 +104,6 @@ def measure(
     folding: dict[str, Any] | None = None,
     processes: int = 1,
     compile_processes: int = 3,
-    fresh_processes: bool = True,
 ) -> dict[str, Any]:
     """Every measurement of the bench, each in fresh processes, merged into one dict.
 
@@ -128,8 +126,6 @@ def measure(
         process's allocator and memory state move ratios more than rounds within one do).
       compile_processes: each training step is compiled in this many fresh processes (the
         models take turns); the results give the median.
-      fresh_processes: False runs every measurement in this process instead (the tests of
-        the plumbing, at toy size; the numbers are not a user's).
 
     Returns:
       A JSON-able dict: the environment, ``layers`` (per shape: times, ratios, passes,
@@ -144,16 +140,17 @@ def measure(
             raise ValueError(f"Expected `{name}` >= 1, got {value}.")
     rounds = rounds or (9 if quick else 41)
     shapes = shapes or (QUICK_SHAPES if quick else SHAPES)
-    run = run_in_fresh_process if fresh_processes else run_in_this_process
-    environment = run("environment")
-    passes = run("layer_passes", shapes=shapes)
-    collectives = run("collectives")
+    environment = run_in_fresh_process("environment")
+    passes = run_in_fresh_process("layer_passes", shapes=shapes)
+    collectives = run_in_fresh_process("collectives")
     step_configs = {"mlp": mlp or {}, "resnet50": resnet or {}}
-    compile_times = _compile_times(run, compile_processes, step_configs)
+    compile_times = _compile_times(compile_processes, step_configs)
     layer_runs, step_runs = [], []
     for _ in range(processes):
-        layer_runs.append(run("layer_timings", shapes=shapes, rounds=rounds))
-        step_runs.append(run("step_timings", rounds=rounds, mlp=mlp, resnet=resnet))
+        layer_runs.append(run_in_fresh_process("layer_timings", shapes=shapes, rounds=rounds))
+        step_runs.append(
+            run_in_fresh_process("step_timings", rounds=rounds, mlp=mlp, resnet=resnet)
+        )
     layers = [
         _layer_row(shape, counts, [run[index] for run in layer_runs])
         for index, (shape, counts) in enumerate(zip(shapes, passes, strict=True))
@@ -171,7 +168,7 @@ def measure(
         "collectives_per_layer_shard_map": collectives,
         "steps": _merge(step_runs),
         "compile": compile_times,
-        "folding": run("folding", rounds=rounds, **(folding or {})),
+        "folding": run_in_fresh_process("folding", rounds=rounds, **(folding or {})),
     }
 
 
@@ -244,11 +241,9 @@ def _bandwidth(layers: list[dict[str, Any]], environment: dict[str, str]) -> dic
     }
 
 
-def _compile_times(
-    run: Callable[..., Any], repeats: int, configs: dict[str, dict[str, Any]]
-) -> dict[str, Any]:
+def _compile_times(repeats: int, configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per network: compile and trace+lower seconds per norm, medians over the repetitions
-    (each in a fresh process, through ``run``).
+    (each in a fresh process).
 
     In every repetition each network's norms take turns, starting from a different one, so
     that a drift of the machine's load does not favour one of them.
@@ -258,7 +253,9 @@ def _compile_times(
         runs = []
         for r in range(repeats):
             times = {
-                norm: run("compile_time", model=model, norm=norm, config=configs[model])
+                norm: run_in_fresh_process(
+                    "compile_time", model=model, norm=norm, config=configs[model]
+                )
                 for norm in norms[r % len(norms):] + norms[: r % len(norms)]
             }
             repetition: dict[str, Any] = {}
