@@ -12,8 +12,10 @@
                          "runtime_s"}}}
 
 ``with_bn`` is the arm the claim favours (BN, or for ``placement``/``sync`` the favoured BN
-variant) and ``without_bn`` the reference; ``values`` are per seed. ``python -m experiments
-plot DIR`` remakes the figures and the report from ``DIR/results.json``.
+variant) and ``without_bn`` the reference; ``values`` are per seed. A claim that failed has
+``error`` (its traceback) in place of the results. ``python -m experiments plot DIR`` remakes
+the figures and the report from ``DIR/results.json``; :func:`load_results` checks this layout,
+so a damaged or hand-edited file is named with its first bad field.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import math
 import os
 from typing import Any
 
-__all__ = ["claim_table", "load_results", "verdict_table", "write_report", "write_results"]
+__all__ = ["check_results", "claim_table", "load_results", "verdict_table", "write_report",
+           "write_results"]
 
 VERDICTS = ("holds", "does not hold", "inconclusive")
 
@@ -43,8 +46,102 @@ def _nan(value: Any) -> Any:
 
 
 def load_results(out: str) -> dict[str, Any]:
-    with open(os.path.join(out, "results.json")) as f:
-        return json.load(f)
+    """``out/results.json``, checked by :func:`check_results`.
+
+    Raises:
+      OSError: if it cannot be read.
+      ValueError: naming the file and its first bad field.
+    """
+    path = os.path.join(out, "results.json")
+    with open(path) as f:
+        try:
+            results = json.load(f)
+        except ValueError as error:  # not JSON, or not UTF-8
+            raise ValueError(f"{path}: expected JSON, got {error}") from None
+    try:
+        check_results(results)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    return results
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _expect(ok: bool, field: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{field + ': ' if field else ''}expected {expected}, got "
+                         f"{_shown(value)}")
+
+
+def _is_number(value: Any, *, null: bool = False) -> bool:
+    return (value is None and null) or (
+        isinstance(value, int | float) and not isinstance(value, bool))
+
+
+def _check_fields(entry: dict[str, Any], field: str, kinds: dict[str, str]) -> None:
+    """Checks ``entry``'s fields by kind: "text", "number", "number?" (or null), "texts",
+    "numbers?" (a list of numbers or nulls), "object"; a name ending in "?" is optional."""
+    tests = {
+        "text": (lambda v: isinstance(v, str), "a string"),
+        "number": (_is_number, "a number"),
+        "number?": (lambda v: _is_number(v, null=True), "a number or null"),
+        "texts": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                  "a list of strings"),
+        "numbers?": (lambda v: isinstance(v, list) and all(_is_number(x, null=True) for x in v),
+                     "a list of numbers or nulls"),
+        "object": (lambda v: isinstance(v, dict), "an object"),
+        "list": (lambda v: isinstance(v, list), "a list"),
+    }
+    for name, kind in kinds.items():
+        optional, name = name.endswith("?"), name.rstrip("?")
+        test, expected = tests[kind]
+        where = f"{field}.{name}" if field else name
+        if name not in entry:
+            if not optional:
+                raise ValueError(f"{where}: expected {expected}, got none")
+            continue
+        _expect(test(entry[name]), where, expected, entry[name])
+
+
+_ARM = {"label": "text", "mean": "number?", "ci95": "number?", "values": "numbers?"}
+_ENTRY = {"claim": "text", "sources": "texts", "how": "text", "metric": "text",
+          "claim_direction": "text", "reason": "text", "notes?": "text", "rule?": "text",
+          "details": "object", "runtime_s?": "number?"}
+
+
+def check_results(results: Any) -> None:
+    """Checks that ``results`` has the layout of results.json (module docstring) that the
+    report and ``--resume`` read; a claim's ``details`` are checked by its plot.
+
+    Raises:
+      ValueError: naming the first bad field (e.g. ``claims.depth.with_bn.mean``), what was
+        expected and what was found.
+    """
+    from .claims import CLAIM_IDS  # imports no jax
+
+    _expect(isinstance(results, dict), "", "an object with meta and claims", results)
+    _check_fields(results, "", {"meta": "object", "claims": "object"})
+    _check_fields(results["meta"], "meta", {"runtime_s": "number", "command?": "text",
+                                            "resumed?": "list"})
+    for claim_id, entry in results["claims"].items():
+        field = f"claims.{claim_id}"
+        _expect(claim_id in CLAIM_IDS, field, f"a claim among {', '.join(CLAIM_IDS)}",
+                claim_id)
+        _expect(isinstance(entry, dict), field, "an object", entry)
+        _expect(entry.get("id") == claim_id, f"{field}.id", repr(claim_id), entry.get("id"))
+        _expect(entry.get("verdict") in VERDICTS, f"{field}.verdict",
+                f"one of {', '.join(VERDICTS)}", entry.get("verdict"))
+        if "error" in entry:
+            _expect(isinstance(entry["error"], str) and entry["error"].strip() != "",
+                    f"{field}.error", "the failed claim's traceback", entry["error"])
+            continue
+        _check_fields(entry, field, _ENTRY)
+        for arm in ("with_bn", "without_bn"):
+            _check_fields(entry, field, {arm: "object"})
+            _check_fields(entry[arm], f"{field}.{arm}", _ARM)
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -118,7 +215,15 @@ def write_report(out: str) -> str:
             sections.append("\n".join(lines))
             continue
         png = f"{claim_id}.png"
-        plot_claim(c, os.path.join(out, png))
+        try:
+            plot_claim(c, os.path.join(out, png))
+            table = claim_table(claim_id, c)
+        except (KeyError, IndexError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"{os.path.join(out, 'results.json')}: claims.{claim_id}.details: expected what "
+                f"the {claim_id} claim records, got details its report cannot use "
+                f"({type(error).__name__}: {error})"
+            ) from error
         favoured, reference = c["with_bn"], c["without_bn"]
         lines += [
             f"- **Verdict: {c['verdict']}**. {c['reason']}.",
@@ -134,7 +239,6 @@ def write_report(out: str) -> str:
             lines.append(f"- Notes: {c['notes']}")
         runs = f"; runs in `{claim_id}/`" if os.path.isdir(os.path.join(out, claim_id)) else ""
         lines.append(f"- Runtime: {_fmt(c.get('runtime_s'), 3)} s{runs}.")
-        table = claim_table(claim_id, c)
         if table is not None:
             lines += ["", table]
         lines += ["", f"![{claim_id}]({png})"]

@@ -119,8 +119,8 @@ BAD_INPUT = [
     (["--dataset", "foo", *RUN], r"--dataset: Expected `dataset` to be one of .*, got 'foo'"),
     (["--dataset", "idx:/nonexistent", *RUN], r"--dataset: Expected train-images-idx3-ubyte .* "
                                         r"in '/nonexistent' .*; found no directory"),
-    (["--dataset", "mnist1d:ten", *RUN], r"--dataset: Expected .*'mnist1d:N' with an integer N >= "
-                                   r"100 .*, got 'mnist1d:ten'"),
+    (["--dataset", "mnist1d:ten", *RUN], r"--dataset: Expected .*'mnist1d:N' with an integer N in "
+                                         r"\[100, 100000\] .*, got 'mnist1d:ten'"),
     (["run", "convergence", "nonsense", *RUN], r"expected claims among .*, got nonsense"),
     (["wat"], r"expected a command in .*, got 'wat'"),
     (["--num-processes", "2", *RUN], r"expected --coordinator, --num-processes and --process-id "
