@@ -10,22 +10,36 @@ claims, before anything trains; a bad one exits with status 2 and a one-line mes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
 import os
 import shlex
+import socket
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from . import data
+from . import data, report  # neither imports jax
 from .bench import add_arguments as add_bench_arguments  # imports no jax, as .claims
 from .bench import run_from_args as run_bench_from_args
 from .claims import CLAIM_IDS  # imports neither jax nor the extras: checks come first
 
 SYNC_DEVICES = 8
+# The largest batch of any claim (batch-size's full sweep). A run trains data parallel only when
+# its batch divides by the device count, so more devices than this would all go unused; and
+# jax_num_cpu_devices grows the CPU client's start (measured: 256 devices in 6 s, 4,096 in
+# 15 s and 600 MB) until, at 100,000, it segfaults.
+MAX_DEVICES = 256
+# The runs of a group (seeds x learning rates x init scales) are vmapped into one program, so
+# its memory and step time grow with the seed count; a 95% t-interval over 100 seeds is
+# already 0.2 standard deviations wide.
+MAX_SEEDS = 100
+COORDINATOR_TIMEOUT = 60  # seconds for every process to join; --coordinator-timeout
 COMMANDS = ("list", "run", "plot", "bench", "readme")
 # The options that define a run's results: --resume takes them from the run it continues.
 RUN_OPTIONS = ("claims", "full", "seeds", "dataset", "devices", "budget", "tensorboard",
@@ -78,17 +92,27 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _at_least(low: int) -> Callable[[str], int]:
+def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    """The argparse type of an integer in [low, high] (no upper bound if ``high`` is None)."""
+    expected = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        if not low <= value <= (value if high is None else high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
 
     return parse
+
+
+def _directory(text: str) -> str:
+    """A directory path; the empty one (an unset ``$DIR``) is refused."""
+    if not text:
+        raise argparse.ArgumentTypeError(f"expected a directory, got {text!r}")
+    return text
 
 
 def _budget(text: str) -> float:
@@ -111,8 +135,9 @@ def _dataset(text: str) -> str:
 
 def _coordinator(text: str) -> str:
     host, _, port = text.rpartition(":")
-    if not (host and port.isdigit()):
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    if not (host and port.isdigit() and 1 <= int(port) <= 65535):
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT with a host and a port in [1, 65535], got {text!r}")
     return text
 
 
@@ -123,20 +148,22 @@ def _add_suite_options(parser: argparse.ArgumentParser) -> None:
                       help="reduced sizes: 3 seeds, few hundred steps (default)")
     mode.add_argument("--full", dest="full", action="store_true", default=False,
                       help="full sizes: 5 seeds, thousands of steps, larger sweeps and data")
-    parser.add_argument("--seeds", type=_at_least(1), default=None, metavar="N",
+    parser.add_argument("--seeds", type=_integer(1, MAX_SEEDS), default=None, metavar="N",
                         help="number of seeds per arm (default 3 quick, 5 full; >= 2 for an "
-                             "interval, >= 3 for a meaningful one)")
+                             f"interval, >= 3 for a meaningful one; at most {MAX_SEEDS})")
     parser.add_argument("--dataset", type=_dataset, default=None, metavar="NAME",
-                        help="digits | mnist1d[:N] | idx:DIR (MNIST/Fashion-MNIST IDX files, "
+                        help=f"digits | mnist1d[:N] (N in [{data.MNIST1D_MIN}, "
+                             f"{data.MNIST1D_MAX}]) | idx:DIR (MNIST/Fashion-MNIST IDX files, "
                              ".gz allowed); default mnist1d:4000 quick, mnist1d:10000 full")
-    parser.add_argument("--devices", type=_at_least(1), default=1, metavar="N",
+    parser.add_argument("--devices", type=_integer(1, MAX_DEVICES), default=1, metavar="N",
                         help="devices (on CPU: host devices, made before jax starts; with "
                              "--coordinator, per process); runs whose batch divides by the "
                              "device count train data-parallel with shard_map and synchronized "
-                             "BN. The sync claim always uses 8 (on one process).")
-    parser.add_argument("--out", default=None, metavar="DIR",
+                             "BN. The sync claim always uses 8 (on one process). At most "
+                             f"{MAX_DEVICES}, the largest batch of any claim.")
+    parser.add_argument("--out", type=_directory, default=None, metavar="DIR",
                         help="output directory (default results/<timestamp>/)")
-    parser.add_argument("--resume", default=None, metavar="DIR",
+    parser.add_argument("--resume", type=_directory, default=None, metavar="DIR",
                         help="continue the interrupted run in DIR (it writes there): completed "
                              "claims are kept, the others continue from their checkpoints; "
                              "the run's options come from DIR/results.json")
@@ -156,8 +183,12 @@ def _add_suite_options(parser: argparse.ArgumentParser) -> None:
     dist = parser.add_argument_group("multi-process (jax.distributed.initialize)")
     dist.add_argument("--coordinator", type=_coordinator, default=None, metavar="HOST:PORT",
                       help="address of process 0; with it every process runs the same command")
-    dist.add_argument("--num-processes", type=_at_least(1), default=None, metavar="N")
-    dist.add_argument("--process-id", type=_at_least(0), default=None, metavar="I")
+    dist.add_argument("--num-processes", type=_integer(1), default=None, metavar="N")
+    dist.add_argument("--process-id", type=_integer(0), default=None, metavar="I")
+    dist.add_argument("--coordinator-timeout", type=_integer(1, 3600),
+                      default=COORDINATOR_TIMEOUT, metavar="S",
+                      help="seconds for every process to reach the coordinator before each "
+                           f"gives up in one line (default {COORDINATOR_TIMEOUT})")
 
 
 def _run_parser(parser: _Parser) -> None:
@@ -169,7 +200,7 @@ def _run_parser(parser: _Parser) -> None:
 
 def _plot_parser(parser: _Parser) -> None:
     parser.description = "Remake the figures and report.md from DIR/results.json."
-    parser.add_argument("dir", metavar="DIR")
+    parser.add_argument("dir", type=_directory, metavar="DIR")
 
 
 def _readme_parser(parser: _Parser) -> None:
@@ -290,17 +321,99 @@ def _describe(name: str, value: Any) -> str:
     return flag if value is True else f"{flag} {value}"
 
 
+class _Refusal(Exception):
+    """The message of an argument that :class:`_Checker` refuses."""
+
+
+class _Checker(_Parser):
+    """The suite's options and its claims, to check the values a results.json records with
+    the command line's own types: a refused value raises :class:`_Refusal`."""
+
+    def __init__(self) -> None:
+        super().__init__(prog="results.json", add_help=False)
+        _add_suite_options(self)
+        self.add_argument("claims", nargs="*")
+
+    def error(self, message: str) -> NoReturn:
+        raise _Refusal(message)
+
+
+# The words that give each value of a run option that is a flag, by destination.
+_FLAG_WORDS: dict[str, dict[bool | None, list[str]]] = {
+    "full": {True: ["--full"], False: ["--quick"]},
+    "tensorboard": {True: ["--tensorboard"], False: []},
+    "checkpoint": {True: ["--checkpoint"], False: ["--no-checkpoint"], None: []},
+}
+
+
+def _recorded_words(name: str, value: Any) -> list[str]:
+    """The command-line words that give run option ``name`` the ``value`` recorded in a
+    results.json. Raises :class:`_Refusal` for a value no words give."""
+    if name == "claims":
+        if not (isinstance(value, list) and value and all(isinstance(c, str) for c in value)):
+            raise _Refusal(f"expected a list of claim ids, got {json.dumps(value)}")
+        return ["--", *value]
+    if name in _FLAG_WORDS:
+        words = _FLAG_WORDS[name].get(value) if isinstance(value, bool | None) else None
+        if words is None:
+            raise _Refusal(f"expected {' or '.join(map(json.dumps, _FLAG_WORDS[name]))}, "
+                           f"got {json.dumps(value)}")
+        return words
+    if value is None:
+        return []
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise _Refusal(f"expected a number or a string, got {json.dumps(value)}")
+    return [f"--{name.replace('_', '-')}={value}"]
+
+
+def _recorded_options(options: Any) -> dict[str, Any]:
+    """The run options a results.json records (its ``meta.options``), checked as the command
+    line checks its own: each value is written as the words that give it and parsed by the
+    same types, and must come back unchanged.
+
+    Raises:
+      ValueError: naming the field (``meta.options.NAME``), what was expected and what was
+        recorded.
+    """
+    if not isinstance(options, dict):
+        raise ValueError(f"meta.options: expected the run's options (an object), got "
+                         f"{json.dumps(options)}")
+    checker, recorded = _Checker(), {}
+    for name in RUN_OPTIONS:
+        if name not in options:
+            raise ValueError(f"meta.options.{name}: expected a value, got none")
+        value = options[name]
+        try:
+            parsed = vars(checker.parse_args(_recorded_words(name, value)))[name]
+        except _Refusal as refusal:
+            raise ValueError(f"meta.options.{name}: {refusal}") from None
+        unknown = [c for c in value if c not in CLAIM_IDS] if name == "claims" else []
+        if unknown:
+            raise ValueError(f"meta.options.claims: expected claims among "
+                             f"{', '.join(CLAIM_IDS)}, got {', '.join(unknown)}")
+        if parsed != value:
+            raise ValueError(f"meta.options.{name}: expected {json.dumps(parsed)} (what the "
+                             f"command line makes of it), got {json.dumps(value)}")
+        recorded[name] = value
+    return recorded
+
+
 def _resume_options(parser: _Parser, args: argparse.Namespace, argv: list[str]) -> None:
     """``--resume DIR``: the run options of the run in DIR (``meta.options`` of its
-    results.json) replace those of ``args``; ``argv`` may repeat them but not change them,
-    and may give ``--out`` only as DIR. Exits in one line otherwise."""
+    results.json, checked like the command line's) replace those of ``args``; ``argv`` may
+    repeat them but not change them, and may give ``--out`` only as DIR. Exits in one line
+    otherwise, naming DIR/results.json and the field."""
     try:
-        with open(os.path.join(args.resume, "results.json")) as f:
-            recorded = json.load(f)["meta"]["options"]
-        recorded = {name: recorded[name] for name in RUN_OPTIONS}
-    except (OSError, ValueError, KeyError, TypeError):
+        results = report.load_results(args.resume)
+    except OSError:
         parser.error(f"argument --resume: expected a directory with a run to continue "
                      f"(DIR/results.json written by python -m experiments), got {args.resume!r}")
+    except ValueError as error:  # it names the file
+        parser.error(f"argument --resume: {error}")
+    try:
+        recorded = _recorded_options(results["meta"].get("options"))
+    except ValueError as error:
+        parser.error(f"argument --resume: {os.path.join(args.resume, 'results.json')}: {error}")
     if args.out not in (None, args.resume):
         parser.error(f"expected no --out with --resume DIR (it writes to DIR), got --out "
                      f"{args.out} --resume {args.resume}")
@@ -325,6 +438,93 @@ def _require_extras(parser: _Parser, *extras: str) -> None:
                          f"'.[{extra}]')")
 
 
+def _check_output(parser: _Parser, option: str, path: str) -> None:
+    """Exits in one line unless ``path`` is a directory where files can be made, or can be made
+    one. It tries: it makes the missing directories and a file in ``path``, then removes them,
+    so nothing is left if a later check fails."""
+    made = []  # deepest first
+    head = os.path.abspath(path)
+    while not os.path.lexists(head):
+        made.append(head)
+        head = os.path.dirname(head)
+    problem = None
+    if not os.path.isdir(head):
+        problem = "a file" if not made else f"under the file {head}"
+    else:
+        try:
+            for directory in reversed(made):
+                os.mkdir(directory)
+            handle, probe = tempfile.mkstemp(dir=path)
+            os.close(handle)
+            os.remove(probe)
+        except OSError as error:
+            problem = f"where files cannot be made ({error.strerror})"
+        finally:
+            for directory in made:
+                with contextlib.suppress(OSError):  # never made
+                    os.rmdir(directory)
+    if problem is not None:
+        parser.error(f"argument {option}: expected a directory to write the results to, got "
+                     f"{path!r}, {problem}")
+
+
+def _exit_now(message: str) -> None:
+    """Writes ``message`` and ends the process with status 2 at once: it runs on a watchdog
+    thread while the main thread waits in the C++ distributed runtime, which a SystemExit
+    cannot interrupt and which, left to its own timeout, aborts with a stack trace."""
+    sys.stderr.write(message)
+    sys.stderr.flush()
+    os._exit(2)
+
+
+def _wait_for_coordinator(parser: _Parser, args: argparse.Namespace) -> float:
+    """Waits, in a process other than 0, for the coordinator's port to open (process 0 opens
+    it), so that a missing coordinator is named as such, in one line and with status 2, after
+    ``--coordinator-timeout`` seconds; returns the time (``time.monotonic``) by which every
+    process must have joined."""
+    timeout, address = args.coordinator_timeout, args.coordinator
+    deadline = time.monotonic() + timeout
+    host, _, port = address.rpartition(":")
+    while args.process_id > 0:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=1).close()
+            break
+        except socket.gaierror as error:
+            parser.error(f"argument --coordinator: expected a host this machine can resolve, "
+                         f"got {address!r} ({error.strerror})")
+        except OSError:
+            if time.monotonic() >= deadline:
+                parser.error(f"argument --coordinator: expected process 0 of "
+                             f"{args.num_processes} listening at {address}, got no answer "
+                             f"within {timeout} s (--coordinator-timeout)")
+            time.sleep(0.25)
+    return deadline
+
+
+def _join(parser: _Parser, args: argparse.Namespace, deadline: float) -> None:
+    """``jax.distributed.initialize``, given up in one line with status 2 if the processes
+    have not all joined by ``deadline`` (from :func:`_wait_for_coordinator`): a watchdog
+    ends the wait before the runtime's own timeout would abort the process."""
+    import jax
+
+    timeout, address = args.coordinator_timeout, args.coordinator
+    message = (f"{parser.prog}: error: argument --coordinator: expected all "
+               f"{args.num_processes} processes to join at {address} within {timeout} s "
+               f"(--coordinator-timeout), got process {args.process_id} still waiting "
+               "(see --help)\n")
+    watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _exit_now, (message,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts only
+        jax.distributed.initialize(coordinator_address=address,
+                                   num_processes=args.num_processes,
+                                   process_id=args.process_id,
+                                   initialization_timeout=timeout + 60)  # the watchdog first
+    finally:
+        watchdog.cancel()
+
+
 def _use_cpu_devices(parser: _Parser, count: int) -> None:
     """Makes ``count`` host CPU devices, or checks that jax, already started, has them."""
     import jax
@@ -341,20 +541,21 @@ def _run(parser: _Parser, args: argparse.Namespace, argv: list[str]) -> int:
     """Runs the suite or some claims: every check, then the claims."""
     from .claims import Context, Settings
 
-    if args.resume:
+    if args.resume is not None:
         _resume_options(parser, args, argv)
+    out = args.out or os.path.join("results", time.strftime("%Y%m%d-%H%M%S"))
+    _check_output(parser, "--resume" if args.resume is not None else "--out", out)
     extras = ("experiments", "tensorboard") if args.tensorboard else ("experiments",)
     _require_extras(parser, *extras)
     sync_here = "sync" in args.claims and not args.coordinator  # several processes: as given
     needs = max(args.devices, SYNC_DEVICES) if sync_here else args.devices
+    deadline = _wait_for_coordinator(parser, args) if args.coordinator else 0.0  # before jax
     if needs > 1:  # with --coordinator, each process's own devices
         _use_cpu_devices(parser, needs)
     import jax
 
     if args.coordinator:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts only
-        jax.distributed.initialize(coordinator_address=args.coordinator,
-                                   num_processes=args.num_processes, process_id=args.process_id)
+        _join(parser, args, deadline)
     devices = jax.device_count() if args.coordinator else args.devices
     if devices > jax.device_count():
         parser.error(f"expected --devices <= the {jax.device_count()} devices jax sees, "
@@ -362,8 +563,7 @@ def _run(parser: _Parser, args: argparse.Namespace, argv: list[str]) -> int:
     checkpoint = args.full if args.checkpoint is None else args.checkpoint
     settings = Settings(quick=not args.full, seeds=args.seeds, dataset=args.dataset,
                         tensorboard=args.tensorboard, budget=args.budget, devices=devices,
-                        checkpoint=checkpoint, resume=bool(args.resume))
-    out = args.out or os.path.join("results", time.strftime("%Y%m%d-%H%M%S"))
+                        checkpoint=checkpoint, resume=args.resume is not None)
     ctx = Context(settings=settings, out=out, show_progress=args.progress)
     try:
         ctx.check(args.claims)
@@ -394,9 +594,10 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isfile(os.path.join(args.dir, "results.json")):
             parser.error(f"expected DIR/results.json, got DIR {args.dir!r} without one")
         _require_extras(parser, "experiments")
-        from . import report
-
-        print(f"report: {report.write_report(args.dir)}")
+        try:  # the file is checked first, then each claim's details as it is plotted
+            print(f"report: {report.write_report(args.dir)}")
+        except ValueError as error:
+            parser.error(f"argument DIR: {error}")
         return 0
     if args.command == "readme":
         from . import readme

@@ -8,11 +8,25 @@ import argparse
 import json
 import os
 import re
+import socket
+import subprocess
 import sys
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from experiments.__main__ import COMMANDS, command_parser, main, make_parser, parse_args
+from experiments import data
+from experiments.__main__ import (
+    COMMANDS,
+    MAX_DEVICES,
+    MAX_SEEDS,
+    command_parser,
+    main,
+    make_parser,
+    parse_args,
+)
 
 # A valid value for every option that takes one. The three multi-process options are only
 # valid together, so each brings the other two.
@@ -31,6 +45,7 @@ VALUES = {
     "--coordinator": DISTRIBUTED[1:],
     "--num-processes": ["2", "--coordinator", "localhost:1234", "--process-id", "1"],
     "--process-id": ["1", "--coordinator", "localhost:1234", "--num-processes", "2"],
+    "--coordinator-timeout": ["5"],
 }
 POSITIONALS = {"list": [], "run": ["convergence"], "plot": ["somewhere"], "bench": [],
                "readme": []}
@@ -105,14 +120,102 @@ def test_the_issue_examples_keep_their_options():
     assert (args.seeds, args.devices) == (4, 2)  # after the command as before
 
 
+# The options of the recorded run in the --resume tests (meta.options of its results.json).
+RECORDED = {"claims": ["convergence"], "full": True, "seeds": 2, "dataset": "digits",
+            "devices": 1, "budget": 0.01, "tensorboard": False, "num_processes": None}
+
+
+def _results(options=RECORDED, **claims) -> dict:
+    """A results.json as the suite writes it: ``meta`` with ``options``, and claim entries."""
+    return {"meta": {"command": "python -m experiments ...", "options": options,
+                     "runtime_s": 1.5}, "claims": claims}
+
+
+def _idx(tmp_path: Path, name: str, *, train=(50, 50), damage=None) -> str:
+    """An IDX directory (``train`` images and labels, 10 test) with ``damage(directory)``."""
+    directory = tmp_path / name
+    directory.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, (images, labels) in (("train", train), ("t10k", (10, 10))):
+        data.write_idx(str(directory / f"{prefix}-images-idx3-ubyte.gz"),
+                       rng.integers(0, 256, (images, 28, 28)))
+        data.write_idx(str(directory / f"{prefix}-labels-idx1-ubyte"),
+                       rng.integers(0, 10, labels))
+    if damage is not None:
+        damage(directory)
+    return str(directory)
+
+
+def _cut(path: Path, size: int) -> None:
+    path.write_bytes(path.read_bytes()[:size])
+
+
+def _run_dir(tmp_path: Path, results) -> str:
+    """A directory with ``results`` as its results.json (text as it is, else as JSON)."""
+    directory = tmp_path / "run"
+    directory.mkdir()
+    text = results if isinstance(results, str) else json.dumps(results)
+    (directory / "results.json").write_text(text)
+    return str(directory)
+
+
+# The files some rows of BAD_INPUT need, made in tmp_path: a word "{name}" becomes the path
+# that FILES[name](tmp_path) returns.
+FILES = {
+    "file": lambda t: (t / "file").write_text("") or str(t / "file"),
+    "idx-50-images-40-labels": lambda t: _idx(t, "idx", train=(50, 40)),
+    "idx-truncated": lambda t: _idx(t, "idx", damage=lambda d: _cut(
+        d / "train-labels-idx1-ubyte", 30)),
+    "idx-truncated-gzip": lambda t: _idx(t, "idx", damage=lambda d: _cut(
+        d / "t10k-images-idx3-ubyte.gz", 100)),
+    "idx-not-gzip": lambda t: _idx(t, "idx", damage=lambda d: (
+        d / "train-images-idx3-ubyte.gz").write_bytes(b"\0\0\x08\x03 plain IDX bytes")),
+    "idx-no-header": lambda t: _idx(t, "idx", damage=lambda d: (
+        d / "t10k-labels-idx1-ubyte").write_bytes(b"PK\x03\x04 a zip")),
+    "run-budget-minus-5": lambda t: _run_dir(t, _results({**RECORDED, "budget": -5})),
+    "run-seeds-text": lambda t: _run_dir(t, _results({**RECORDED, "seeds": "2"})),
+    "run-seeds-true": lambda t: _run_dir(t, _results({**RECORDED, "seeds": True})),
+    "run-full-text": lambda t: _run_dir(t, _results({**RECORDED, "full": "yes"})),
+    "run-unknown-claim": lambda t: _run_dir(t, _results({**RECORDED, "claims": ["nope"]})),
+    "run-bad-dataset": lambda t: _run_dir(t, _results({**RECORDED, "dataset": "mnist1d:5"})),
+    "run-no-devices": lambda t: _run_dir(t, _results({k: v for k, v in RECORDED.items()
+                                                      if k != "devices"})),
+    "run-options-list": lambda t: _run_dir(t, _results([1, 2])),
+    "run-bad-entry": lambda t: _run_dir(t, _results(convergence={"id": "convergence",
+                                                                 "verdict": "maybe"})),
+    "run-not-json": lambda t: _run_dir(t, '{"meta": '),
+    "plot-not-json": lambda t: _run_dir(t, "garbage"),
+    "plot-list": lambda t: _run_dir(t, "[1, 2]"),
+    "plot-no-claims": lambda t: _run_dir(t, json.dumps({"meta": {"runtime_s": 1}})),
+    "plot-unknown-claim": lambda t: _run_dir(t, _results(nope={})),
+    "plot-bad-mean": lambda t: _run_dir(t, _results(convergence=_entry(mean="high"))),
+    "plot-bad-details": lambda t: _run_dir(t, _results(convergence=_entry(details={}))),
+}
+
+
+def _entry(*, mean=0.5, details=None) -> dict:
+    """A convergence entry of results.json with every field the report reads."""
+    arm = {"label": "BN", "mean": mean, "ci95": 0.1, "interval": [0.4, 0.6],
+           "values": [0.4, 0.6]}
+    return {"id": "convergence", "claim": "c", "sources": ["1"], "how": "h", "metric": "m",
+            "higher_is_better": True, "claim_direction": "d", "with_bn": arm,
+            "without_bn": {**arm, "label": "none"}, "verdict": "holds", "rule": "r",
+            "reason": "r", "notes": "", "details": details or {}, "runtime_s": 1.0}
+
+
 # Each bad input: the words, and what its one line must say. {out} is a directory that must
-# not appear: nothing may run.
+# not appear: nothing may run. Other {NAME}s are made by FILES.
 RUN = ["--out", "{out}", "--no-progress"]
+RESUMED = r"argument --resume: .*/run/results.json: "
 BAD_INPUT = [
-    (["--seeds", "0", *RUN], r"argument --seeds: expected an integer >= 1, got '0'"),
-    (["run", "convergence", "--seeds", "-1", *RUN], r"--seeds: expected an integer >= 1, got '-1'"),
-    (["--seeds", "two", *RUN], r"--seeds: expected an integer >= 1, got 'two'"),
-    (["--devices", "0", *RUN], r"--devices: expected an integer >= 1, got '0'"),
+    (["--seeds", "0", *RUN], r"argument --seeds: expected an integer in \[1, 100\], got '0'"),
+    (["run", "convergence", "--seeds", "-1", *RUN], r"--seeds: expected an integer in \[1, 100\], "
+                                                    r"got '-1'"),
+    (["--seeds", "two", *RUN], r"--seeds: expected an integer in \[1, 100\], got 'two'"),
+    (["--seeds", "100000", *RUN], r"--seeds: expected an integer in \[1, 100\], got '100000'"),
+    (["--devices", "0", *RUN], r"--devices: expected an integer in \[1, 256\], got '0'"),
+    (["--devices", "100000", *RUN], r"--devices: expected an integer in \[1, 256\], "
+                                    r"got '100000'"),
     (["--budget", "0", *RUN], r"--budget: expected a finite number > 0, got '0'"),
     (["--budget", "-0.5", *RUN], r"--budget: expected a finite number > 0, got '-0.5'"),
     (["--budget", "nan", *RUN], r"--budget: expected a finite number > 0, got 'nan'"),
@@ -121,19 +224,87 @@ BAD_INPUT = [
                                         r"in '/nonexistent' .*; found no directory"),
     (["--dataset", "mnist1d:ten", *RUN], r"--dataset: Expected .*'mnist1d:N' with an integer N in "
                                          r"\[100, 100000\] .*, got 'mnist1d:ten'"),
+    (["--dataset", "mnist1d:100000000", *RUN], r"--dataset: Expected .*'mnist1d:N' with an integer "
+                                               r"N in \[100, 100000\] .*, got "
+                                               r"'mnist1d:100000000'"),
+    (["--dataset", "idx:{idx-50-images-40-labels}", *RUN],
+     r"--dataset: Expected as many labels in '.*/train-labels-idx1-ubyte' as images in "
+     r"'.*/train-images-idx3-ubyte.gz' \(50\), got 40"),
+    (["--dataset", "idx:{idx-truncated}", *RUN],
+     r"--dataset: Expected 58 bytes in '.*/train-labels-idx1-ubyte' \(shape \(50,\) of uint8\), "
+     r"got 30: the file is truncated"),
+    (["--dataset", "idx:{idx-truncated-gzip}", *RUN],
+     r"--dataset: Expected a whole gzip file at '.*/t10k-images-idx3-ubyte.gz', got: Compressed "
+     r"file ended before the end-of-stream marker was reached"),
+    (["--dataset", "idx:{idx-not-gzip}", *RUN],
+     r"--dataset: Expected a whole gzip file at '.*/train-images-idx3-ubyte.gz', got: Not a "
+     r"gzipped file"),
+    (["--dataset", "idx:{idx-no-header}", *RUN],
+     r"--dataset: Expected an IDX file at '.*/t10k-labels-idx1-ubyte' \(magic 00 00, .*\), got "
+     r"the bytes 50 4b 03 04"),
     (["run", "convergence", "nonsense", *RUN], r"expected claims among .*, got nonsense"),
     (["wat"], r"expected a command in .*, got 'wat'"),
     (["--num-processes", "2", *RUN], r"expected --coordinator, --num-processes and --process-id "
                                r"together, got --coordinator None, --num-processes 2"),
-    (["--coordinator", "localhost", *RUN], r"--coordinator: expected HOST:PORT, got 'localhost'"),
+    (["--coordinator", "localhost", *RUN], r"--coordinator: expected HOST:PORT .*, got "
+                                           r"'localhost'"),
+    ([*DISTRIBUTED[:1], "127.0.0.1:99999", *DISTRIBUTED[2:], *RUN],
+     r"--coordinator: expected HOST:PORT with a host and a port in \[1, 65535\], got "
+     r"'127.0.0.1:99999'"),
+    ([*DISTRIBUTED[:1], ":1234", *DISTRIBUTED[2:], *RUN],
+     r"--coordinator: expected HOST:PORT with a host .*, got ':1234'"),
+    ([*DISTRIBUTED, "--coordinator-timeout", "0", *RUN], r"--coordinator-timeout: expected an "
+                                                         r"integer in \[1, 3600\], got '0'"),
     ([*DISTRIBUTED[:4], "--process-id", "2", *RUN], r"expected --process-id < --num-processes 2, "
                                               r"got 2"),
     (["--processes", "2", "bench"], r"--processes is not an option before the command"),
     (["--seeds", "2", "list"], r"unrecognized arguments: --seeds 2"),
     (["bench", "--processes", "0"], r"--processes: expected an integer >= 1, got .0."),
     (["plot", "{out}"], r"expected DIR/results.json, got DIR '.*' without one"),
+    (["plot", ""], r"argument DIR: expected a directory, got ''"),
+    (["plot", "{plot-not-json}"], r"argument DIR: .*/run/results.json: expected JSON, got "
+                                  r"Expecting value: line 1"),
+    (["plot", "{plot-list}"], r"argument DIR: .*/run/results.json: expected an object with meta "
+                              r"and claims, got \[1, 2\]"),
+    (["plot", "{plot-no-claims}"], r"argument DIR: .*/run/results.json: claims: expected an "
+                                   r"object, got none"),
+    (["plot", "{plot-unknown-claim}"], r"argument DIR: .*/run/results.json: claims.nope: "
+                                       r"expected a claim among convergence, .*, got \"nope\""),
+    (["plot", "{plot-bad-mean}"], r"argument DIR: .*/run/results.json: claims.convergence.with_bn"
+                                  r".mean: expected a number or null, got \"high\""),
+    (["plot", "{plot-bad-details}"], r"argument DIR: .*/run/results.json: claims.convergence."
+                                     r"details: expected what the convergence claim records, got "
+                                     r"details its report cannot use \(KeyError: "),
     (["--resume", "{out}"], r"argument --resume: expected a directory with a run to continue "
                             r"\(DIR/results.json written by python -m experiments\), got '.*'"),
+    (["--resume", ""], r"argument --resume: expected a directory, got ''"),
+    (["--out", ""], r"argument --out: expected a directory, got ''"),
+    (["--out", "{file}"], r"argument --out: expected a directory to write the results to, got "
+                          r"'.*/file', a file"),
+    (["--out", "{file}/run"], r"argument --out: expected a directory to write the results to, "
+                              r"got '.*/file/run', under the file .*/file \(see"),
+    (["--out", "/proc/jaxbn/run"], r"argument --out: expected a directory to write the results "
+                                   r"to, got '/proc/jaxbn/run', where files cannot be made"),
+    (["--resume", "{run-budget-minus-5}"], RESUMED + r"meta.options.budget: argument --budget: "
+                                                     r"expected a finite number > 0, got '-5'"),
+    (["--resume", "{run-seeds-text}"], RESUMED + r"meta.options.seeds: expected 2 \(what the "
+                                                 r"command line makes of it\), got \"2\""),
+    (["--resume", "{run-seeds-true}"], RESUMED + r"meta.options.seeds: expected a number or a "
+                                                 r"string, got true"),
+    (["--resume", "{run-full-text}"], RESUMED + r"meta.options.full: expected true or false, got "
+                                                r"\"yes\""),
+    (["--resume", "{run-unknown-claim}"], RESUMED + r"meta.options.claims: expected claims among "
+                                                    r"convergence, .*, got nope"),
+    (["--resume", "{run-bad-dataset}"], RESUMED + r"meta.options.dataset: argument --dataset: "
+                                                  r"Expected .*, got 'mnist1d:5'"),
+    (["--resume", "{run-no-devices}"], RESUMED + r"meta.options.devices: expected a value, got "
+                                                 r"none"),
+    (["--resume", "{run-options-list}"], RESUMED + r"meta.options: expected the run's options "
+                                                   r"\(an object\), got \[1, 2\]"),
+    (["--resume", "{run-bad-entry}"], RESUMED + r"claims.convergence.verdict: expected one of "
+                                                r"holds, does not hold, inconclusive, got "
+                                                r"\"maybe\""),
+    (["--resume", "{run-not-json}"], RESUMED + r"expected JSON, got Expecting value"),
     (["--checkpoint", "--no-checkpoint", *RUN], r"--no-checkpoint: not allowed with argument "
                                                 r"--checkpoint"),
     (["--devices", "16", "run", "convergence", *RUN], r"expected 16 devices, but jax has already "
@@ -149,6 +320,10 @@ BAD_INPUT = [
 def _stops_in_one_line(argv: list[str], pattern: str, tmp_path, capsys) -> None:
     out = tmp_path / "out"
     argv = [w.replace("{out}", str(out)) for w in argv]
+    for name, make in FILES.items():
+        if any(f"{{{name}}}" in word for word in argv):
+            path = make(tmp_path)
+            argv = [w.replace(f"{{{name}}}", path) for w in argv]
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     error = capsys.readouterr().err
@@ -181,11 +356,77 @@ def test_a_missing_extra_is_named_before_anything_runs(argv, module, pattern, tm
     _stops_in_one_line(argv, pattern, tmp_path, capsys)
 
 
-# ------------------------------------------------------------------ --resume DIR
+def test_the_bounds_themselves_are_accepted():
+    _, args = parse_args(["--seeds", str(MAX_SEEDS), "--devices", str(MAX_DEVICES),
+                          "--dataset", f"mnist1d:{data.MNIST1D_MAX}"])
+    assert (args.seeds, args.devices, args.dataset) == (
+        MAX_SEEDS, MAX_DEVICES, f"mnist1d:{data.MNIST1D_MAX}")
 
-# The options of the recorded run in every test below (meta.options of its results.json).
-RECORDED = {"claims": ["convergence"], "full": True, "seeds": 2, "dataset": "digits",
-            "devices": 1, "budget": 0.01, "tensorboard": False, "num_processes": None}
+
+def test_the_device_bound_is_the_largest_batch_of_any_claim():
+    """More devices than any batch could never train data parallel (MAX_DEVICES's reason)."""
+    from experiments.claims import CLAIM_IDS, Settings, load_claim
+
+    batches = [config.batch_size for quick in (True, False) for claim in CLAIM_IDS
+               for config in load_claim(claim).configs(Settings(quick=quick)).values()]
+    assert max(batches) == MAX_DEVICES
+
+
+def test_a_writable_out_is_tried_and_left_as_it_was(tmp_path, monkeypatch):
+    """The --out check makes the missing directories to try them, and removes them when a
+    later check stops the run."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):  # devices: jax has already started with 8 here
+        main(["--out", "a/b/c", "--devices", "16", "run", "convergence"])
+    assert os.listdir(tmp_path) == []
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_missing_coordinator_stops_in_bounded_time_in_one_line(tmp_path):
+    """Process 1 with no coordinator: one line naming the address, status 2, no C++ stack,
+    within --coordinator-timeout (the runtime alone aborts after 300 s)."""
+    address = f"127.0.0.1:{_free_port()}"
+    tic = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments", "run", "convergence", "--coordinator", address,
+         "--num-processes", "2", "--process-id", "1", "--coordinator-timeout", "2",
+         "--out", str(tmp_path / "out"), "--no-progress"],
+        capture_output=True, text=True, timeout=60,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 2 and done.stdout == "", (done.returncode, done.stdout)
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert re.fullmatch(rf"python -m experiments run: error: argument --coordinator: expected "
+                        rf"process 0 of 2 listening at {address}, got no answer within 2 s "
+                        rf"\(--coordinator-timeout\) \(see --help\)\n", done.stderr), done.stderr
+    assert 2 <= time.monotonic() - tic < 30
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_coordinator_whose_peers_never_come_stops_in_one_line(tmp_path):
+    """Process 0 of 2 alone: the watchdog ends the wait in one line with status 2, before the
+    runtime's own timeout would abort it with a C++ stack."""
+    address = f"127.0.0.1:{_free_port()}"
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments", "run", "convergence", "--coordinator", address,
+         "--num-processes", "2", "--process-id", "0", "--coordinator-timeout", "3",
+         "--out", str(tmp_path / "out"), "--no-progress"],
+        capture_output=True, text=True, timeout=60,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 2 and "Check failure" not in done.stderr, done.stderr
+    assert re.search(rf"^python -m experiments run: error: argument --coordinator: expected all "
+                     rf"2 processes to join at {address} within 3 s \(--coordinator-timeout\), "
+                     rf"got process 0 still waiting \(see --help\)$", done.stderr,
+                     re.MULTILINE), done.stderr
+
+
+# ------------------------------------------------------------------ --resume DIR
 
 
 @pytest.fixture
@@ -196,8 +437,7 @@ def recorded_run(tmp_path, monkeypatch):
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "results.json").write_text(json.dumps(
-        {"meta": {"command": "python -m experiments ...", "options": RECORDED}, "claims": {}}))
+    (run / "results.json").write_text(json.dumps(_results()))
     calls = []
     monkeypatch.setattr(suite, "run_suite", lambda claims, ctx, **kw: calls.append(
         (claims, ctx, kw)) or True)
@@ -253,7 +493,8 @@ def test_resume_rejects_other_run_options_in_one_line(argv, pattern, recorded_ru
 
 
 def test_resume_rejects_a_directory_without_recorded_options(tmp_path, capsys):
-    (tmp_path / "results.json").write_text(json.dumps({"meta": {}, "claims": {}}))
+    (tmp_path / "results.json").write_text(json.dumps({"meta": {"runtime_s": 0}, "claims": {}}))
     with pytest.raises(SystemExit):
         main(["--resume", str(tmp_path)])
-    assert "expected a directory with a run to continue" in capsys.readouterr().err
+    assert re.search(r"argument --resume: .*/results.json: meta.options: expected the run's "
+                     r"options \(an object\), got null", capsys.readouterr().err)
