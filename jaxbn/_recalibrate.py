@@ -152,6 +152,15 @@ def recalibration_init(stats: Any) -> RecalibrationState:
     return RecalibrationState(stats=stats, pooled=jax.tree.unflatten(treedef, pooled))
 
 
+def _check_acc(acc: Any, function: str) -> None:
+    if not isinstance(acc, RecalibrationState):
+        raise TypeError(
+            f"`acc` must be the jaxbn.RecalibrationState that recalibration_init (or a "
+            f"previous recalibration_update) returned, got {type(acc).__name__}. Start with "
+            f"acc = jaxbn.recalibration_init(stats), then call {function}(acc, ...)."
+        )
+
+
 def _counts_per_node(counts: Any, stats: Any, treedef: Any) -> list[Any]:
     if isinstance(counts, (int, float, np.ndarray, np.generic, jax.Array)):
         return [counts] * treedef.num_leaves
@@ -201,6 +210,7 @@ def recalibration_update(
       The updated accumulator, of the same structure, shapes and dtypes.
 
     Raises:
+      TypeError: ``acc`` is not a :class:`RecalibrationState` (a ``BatchStats``, say).
       ValueError: ``batch_stats`` does not have the structure or feature shapes of
         ``acc.stats``, or ``counts`` does not match its statistics nodes.
 
@@ -215,6 +225,7 @@ def recalibration_update(
       >>> round(float(pooled.mean[0]), 5), round(float(pooled.var[0]), 5), int(pooled.count)
       (4.0, 8.0, 2)
     """
+    _check_acc(acc, "recalibration_update")
     nodes, treedef = _flatten(acc.stats)
     batch_nodes, batch_treedef = _flatten(batch_stats)
     paths = _paths(acc.stats)
@@ -285,6 +296,9 @@ def recalibration_result(acc: RecalibrationState) -> Any:
     Returns:
       A tree of the structure of ``acc.stats`` with the pooled statistics.
 
+    Raises:
+      TypeError: ``acc`` is not a :class:`RecalibrationState` (a ``BatchStats``, say).
+
     Example:
       >>> import jaxbn
       >>> _, state = jaxbn.init(2)
@@ -292,6 +306,7 @@ def recalibration_result(acc: RecalibrationState) -> Any:
       >>> same["bn"].var.tolist(), int(same["bn"].count)  # no batch merged: values kept
       ([1.0, 1.0], 0)
     """
+    _check_acc(acc, "recalibration_result")
     nodes, treedef = _flatten(acc.stats)
     pooled_nodes = treedef.flatten_up_to(acc.pooled)
     results = []

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import jaxbn
+from jaxbn import interop
 
 C = 3
 
@@ -111,6 +112,77 @@ BAD_INPUTS = {
         ValueError,
         r"`axis_index_groups`.*`axis_name`",
     ),
+    # Hyperparameters are real scalars; concrete arrays are range-checked like numbers.
+    "momentum-concrete-0d-array=1.5": (
+        {"momentum": jnp.array(1.5)},
+        ValueError,
+        r"`momentum`.*\[0, 1\).*got Array\(1\.5",
+    ),
+    "momentum-feature-vector": (
+        {"momentum": jnp.full(C, 1.5)},
+        TypeError,
+        r"`momentum`.*real scalar.*got an array of shape \(3,\)",
+    ),
+    "momentum-wrong-shape-vector": (
+        {"momentum": jnp.full(C + 1, 0.5)},
+        TypeError,
+        r"`momentum`.*real scalar.*got an array of shape \(4,\)",
+    ),
+    "momentum-int-array": (
+        {"momentum": jnp.array(0, jnp.int32)},
+        TypeError,
+        r"`momentum`.*floating.*shape \(\) and dtype int32",
+    ),
+    "momentum=False": ({"momentum": False}, TypeError, r"`momentum`.*got bool False"),
+    "momentum='0.9'": ({"momentum": "0.9"}, TypeError, r"`momentum`.*got str '0\.9'"),
+    "epsilon-concrete-0d-array=-1": (
+        {"epsilon": np.float32(-1.0)},
+        ValueError,
+        r"`epsilon`.*> 0.*got np\.float32\(-1\.0\)",
+    ),
+    "epsilon-feature-vector": (
+        {"epsilon": jnp.full(C, -1.0)},
+        TypeError,
+        r"`epsilon`.*real scalar.*got an array of shape \(3,\)",
+    ),
+    "epsilon-wrong-shape-vector": (
+        {"epsilon": jnp.full((2, C), 1e-5)},
+        TypeError,
+        r"`epsilon`.*real scalar.*got an array of shape \(2, 3\)",
+    ),
+    "epsilon=None": ({"epsilon": None}, TypeError, r"`epsilon`.*got NoneType None"),
+    "epsilon='1e-5'": ({"epsilon": "1e-5"}, TypeError, r"`epsilon`.*got str '1e-5'"),
+    "epsilon=True": ({"epsilon": True}, TypeError, r"`epsilon`.*got bool True"),
+    "epsilon=nan": ({"epsilon": float("nan")}, ValueError, r"`epsilon`.*> 0.*got nan"),
+    "x='abc'": ({"x": "abc"}, TypeError, r"`x`.*array.*got str 'abc'"),
+    "x=None": ({"x": None}, TypeError, r"`x`.*array.*got NoneType None"),
+    "x-ragged-list": ({"x": [[1.0, 2.0, 3.0], [1.0]]}, TypeError, r"`x`.*got list"),
+    "mask-list": ({"mask": [[[True] * C] * 5] * 4}, TypeError, r"`mask`.*bool array.*got list"),
+    "state-count=None": (
+        {"state": _with_state(count=None)},
+        TypeError,
+        r"`state\.count`.*0-d integer.*got NoneType None",
+    ),
+    "state-count-float": (
+        {"state": _with_state(count=jnp.zeros((), jnp.float32))},
+        TypeError,
+        r"`state\.count`.*got an array of shape \(\) and dtype float32",
+    ),
+    "state-count-shaped": (
+        {"state": _with_state(count=jnp.zeros((C,), jnp.int32))},
+        TypeError,
+        r"`state\.count`.*got an array of shape \(3,\) and dtype int32",
+    ),
+    "state-count-python-int": (
+        {"state": _with_state(count=0)},
+        TypeError,
+        r"`state\.count`.*got int 0",
+    ),
+    "state-mean-int": (
+        {"state": _with_state(mean=jnp.zeros(C, jnp.int32))},
+        TypeError,
+        r"`state\.mean`.*float32 or wider.*got int32",
+    ),
     "every-axis-a-feature": (
         {
             "x": jnp.ones((4, C), jnp.float32),
@@ -151,6 +223,10 @@ TRACE_TIME = [
     "params-unknown-key",
     "axis_index_groups-without-axis_name",
     "every-axis-a-feature",
+    "momentum-feature-vector",
+    "epsilon-feature-vector",
+    "state-count-float",
+    "state-count-shaped",
 ]
 
 
@@ -180,6 +256,83 @@ def test_traced_mask_is_checked_too():
         jax.jit(lambda m: _call(mask=m))(jnp.ones((4, 1, 1), jnp.int32))
     y, _ = jax.jit(lambda m: _call(mask=m))(jnp.ones((4, 1, 1), jnp.bool_))
     assert y.shape == (4, 5, C)
+
+
+def test_traced_hyperparameters_are_shape_checked_but_not_range_checked():
+    # A traced momentum or epsilon has no value at trace time: its shape and dtype are
+    # checked, its range is the caller's (the docstring says so).
+    step = jax.jit(lambda momentum, epsilon: _call(momentum=momentum, epsilon=epsilon))
+    with pytest.raises(TypeError, match=r"`momentum`.*got an array of shape \(3,\)"):
+        step(jnp.full(C, 0.5), jnp.array(1e-3))
+    with pytest.raises(TypeError, match=r"`epsilon`.*got an array of shape \(3,\)"):
+        step(jnp.array(0.5), jnp.full(C, 1e-3))
+    # x is all ones: batch mean 1, variance 0, so the EMA gives 0.5·0 + 0.5·1 and 0.5·1 + 0.
+    _, state = step(jnp.array(0.5), jnp.array(1e-3))
+    np.testing.assert_allclose(state.mean, 0.5)
+    np.testing.assert_allclose(state.var, 0.5)
+
+
+# axis_index_groups against the size of a bound axis (4 here): each row a bad partition.
+BAD_GROUPS = {
+    "index-twice": (
+        [[0, 1], [1, 2]],
+        ValueError,
+        r"`axis_index_groups`.*got \[\[0, 1\], \[1, 2\]\].*more than one.*\[1\]",
+    ),
+    "out-of-range": (
+        [[0, 1], [2, 5]],
+        ValueError,
+        r"`axis_index_groups`.*4 indices.*outside \[0, 4\): \[5\]",
+    ),
+    "not-covering": (
+        [[0, 1]],
+        ValueError,
+        r"`axis_index_groups`.*got \[\[0, 1\]\].*in no group: \[2, 3\]",
+    ),
+    "unequal-sizes": (
+        [[0, 1, 2], [3]],
+        ValueError,
+        r"`axis_index_groups`.*equal-size.*got \[\[0, 1, 2\], \[3\]\]",
+    ),
+    "empty": ([], ValueError, r"`axis_index_groups`.*non-empty.*got \[\]"),
+    "bool-index": ([[True, 1], [2, 3]], TypeError, r"`axis_index_groups`.*ints.*got \[\[True, 1\]"),
+    "float-index": (
+        [[0, 1], [2, 3.0]],
+        TypeError,
+        r"`axis_index_groups`.*ints.*got \[\[0, 1\], \[2, 3\.0\]\]",
+    ),
+    "not-nested": ([0, 1, 2, 3], TypeError, r"`axis_index_groups`.*lists.*got \[0, 1, 2, 3\]"),
+    "string": ("0123", TypeError, r"`axis_index_groups`.*got '0123'"),
+}
+
+
+@pytest.mark.parametrize(
+    ("groups", "error", "match"), list(BAD_GROUPS.values()), ids=list(BAD_GROUPS)
+)
+def test_bad_axis_index_groups_raise_naming_the_axis_size(groups, error, match):
+    x = jnp.ones((4, 2, C))
+    with pytest.raises(error, match=match):
+        jax.vmap(
+            lambda xs: _call(x=xs, axis_name="batch", axis_index_groups=groups),
+            axis_name="batch",
+        )(x)
+
+
+def test_axis_index_groups_that_miss_a_device_raise_ours_under_pmap_not_an_xla_crash():
+    # Regression: [[0, 1]] over 4 devices reached XLA, which failed a RET_CHECK with a C++
+    # stack. The valid partition runs, so the check is not what fails.
+    x = jnp.ones((4, 2, C))
+
+    def run(groups):
+        return jax.pmap(
+            lambda xs: _call(x=xs, axis_name="batch", axis_index_groups=groups)[0],
+            axis_name="batch",
+            devices=jax.devices()[:4],
+        )(x)
+
+    with pytest.raises(ValueError, match=r"`axis_index_groups`.*in no group: \[2, 3\]"):
+        run([[0, 1]])
+    assert run([[0, 1], [2, 3]]).shape == x.shape
 
 
 @pytest.mark.parametrize("axis_name", ["batch", ("data", "model")])
@@ -223,8 +376,10 @@ def test_eval_does_not_require_a_bound_axis_name():
         ("a", TypeError, r"`feature_shape`.*got 'a'"),
         (2.0, TypeError, r"`feature_shape`.*got 2\.0"),
         ((2, "b"), TypeError, r"`feature_shape`.*got \(2, 'b'\)"),
+        (True, TypeError, r"`feature_shape`.*got True"),
+        ((2, True), TypeError, r"`feature_shape`.*got \(2, True\)"),
     ],
-    ids=["0", "-3", "(4,0)", "'a'", "2.0", "(2,'b')"],
+    ids=["0", "-3", "(4,0)", "'a'", "2.0", "(2,'b')", "True", "(2,True)"],
 )
 def test_init_rejects_bad_feature_shape(feature_shape, error, match):
     with pytest.raises(error, match=match):
@@ -237,6 +392,74 @@ def test_init_rejects_non_floating_dtype(dtype):
         jaxbn.init(3, dtype)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "match"),
+    [("nope", r"`dtype`.*got str 'nope', which is no dtype"), (3.5, r"`dtype`.*got float 3\.5")],
+    ids=["'nope'", "3.5"],
+)
+def test_init_rejects_what_is_no_dtype(dtype, match):
+    with pytest.raises(TypeError, match=match):
+        jaxbn.init(3, dtype)
+
+
 def test_init_errors_raise_under_eval_shape():
     with pytest.raises(ValueError, match=r"`feature_shape`"):
         jax.eval_shape(functools.partial(jaxbn.init, 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# The other public functions: one row per bad input, (call, exception type, regex).
+# ----------------------------------------------------------------------------------------------
+
+
+def _torch_module():
+    torch = pytest.importorskip("torch")
+    return torch.nn.BatchNorm1d(C)
+
+
+def _accumulator():
+    _, state = jaxbn.init(C)
+    return jaxbn.recalibration_init(state)
+
+
+BAD_CALLS = {
+    "from_torch-given-the-module": (
+        lambda: interop.from_torch(_torch_module()),
+        TypeError,
+        r"`state_dict`.*mapping.*got BatchNorm1d.*from_torch\(module\.state_dict\(\)\)",
+    ),
+    "from_torch-None": (
+        lambda: interop.from_torch(None),
+        TypeError,
+        r"`state_dict`.*mapping.*got NoneType",
+    ),
+    "recalibration_update-given-BatchStats": (
+        lambda: jaxbn.recalibration_update(jaxbn.init(C)[1], jaxbn.init(C)[1], 4),
+        TypeError,
+        r"`acc`.*RecalibrationState.*got BatchStats.*recalibration_init",
+    ),
+    "recalibration_result-given-BatchStats": (
+        lambda: jaxbn.recalibration_result(jaxbn.init(C)[1]),
+        TypeError,
+        r"`acc`.*RecalibrationState.*got BatchStats",
+    ),
+    "recalibration_update-given-pooled": (
+        lambda: jaxbn.recalibration_update(_accumulator().pooled, jaxbn.init(C)[1], 4),
+        TypeError,
+        r"`acc`.*got PooledStats",
+    ),
+    "fold_dense-epsilon-vector": (
+        lambda: jaxbn.fold_dense(
+            jnp.ones((2, C)), None, None, jaxbn.init(C)[1], epsilon=jnp.full(C, 1e-5)
+        ),
+        TypeError,
+        r"`epsilon`.*real scalar.*shape \(3,\)",
+    ),
+}
+
+
+@pytest.mark.parametrize(("call", "error", "match"), list(BAD_CALLS.values()), ids=list(BAD_CALLS))
+def test_bad_call_raises(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
