@@ -463,3 +463,89 @@ def test_bad_call_raises(call, error, match):
     with pytest.raises(error, match=match):
         call()
 
+
+# ----------------------------------------------------------------------------------------------
+# Inputs that get the correct result (promoted or skipped) rather than an error, each checked
+# against a peer or a float64 closed form.
+# ----------------------------------------------------------------------------------------------
+
+
+def _data(shape, seed=0):
+    return np.asarray(1.5 + jax.random.normal(jax.random.key(seed), shape), np.float32)
+
+
+def test_linen_integer_batch_stats_are_promoted_as_flax_linen_promotes_them():
+    # Regression: jaxbn.linen cast the new statistics to the stored int32 (mean [1 1 1],
+    # var [0 0 0]); flax.linen stores the float32 result.
+    import flax.linen as nn
+
+    import jaxbn.linen
+
+    x = _data((6, C))
+    integer = {"mean": jnp.array([0, 1, 2], jnp.int32), "var": jnp.array([1, 2, 3], jnp.int32)}
+
+    def run(module):
+        variables = module(use_running_average=False).init(jax.random.key(0), x)
+        variables = {"params": variables["params"], "batch_stats": integer}
+        y, updates = module(use_running_average=False, momentum=0.9).apply(
+            variables, x, mutable=["batch_stats"]
+        )
+        return y, updates["batch_stats"], module(use_running_average=True).apply(variables, x)
+
+    with jax.numpy_dtype_promotion("standard"):  # flax multiplies int32 by a float
+        y_flax, stats_flax, eval_flax = run(nn.BatchNorm)
+    y, stats, y_eval = run(jaxbn.linen.BatchNorm)  # under the tests' strict promotion
+    for key in ("mean", "var"):
+        assert stats[key].dtype == stats_flax[key].dtype == jnp.float32
+        np.testing.assert_allclose(stats[key], stats_flax[key], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y, y_flax, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y_eval, eval_flax, rtol=1e-6, atol=1e-6)
+
+
+def test_nnx_integer_batch_stats_are_promoted_not_truncated():
+    # flax.nnx truncates them into the int32 variable (and JAX warns that this will become
+    # an error); jaxbn.nnx stores the float32 result, as flax.linen does. The truth is
+    # flax.nnx given the same values as float32.
+    from flax import nnx
+
+    import jaxbn.nnx
+
+    x = _data((6, C), seed=1)
+    peer = nnx.BatchNorm(C, momentum=0.9, rngs=nnx.Rngs(0))
+    peer.mean.set_value(jnp.array([0.0, 1.0, 2.0]))
+    peer.var.set_value(jnp.array([1.0, 2.0, 3.0]))
+    ours = jaxbn.nnx.BatchNorm(C, momentum=0.9, rngs=nnx.Rngs(0))
+    ours.mean.set_value(jnp.array([0, 1, 2], jnp.int32))
+    ours.var.set_value(jnp.array([1, 2, 3], jnp.int32))
+    np.testing.assert_allclose(ours(x, use_running_average=True), peer(x, True), rtol=1e-6)
+    y, y_peer = ours(x, use_running_average=False), peer(x, use_running_average=False)
+    np.testing.assert_allclose(y, y_peer, rtol=1e-5, atol=1e-5)
+    for name in ("mean", "var"):
+        value, truth = getattr(ours, name)[...], getattr(peer, name)[...]
+        assert value.dtype == jnp.float32
+        np.testing.assert_allclose(value, truth, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["dense-IO", "conv-HWIO"])
+@pytest.mark.parametrize("bias_kind", ["int32", "float32", "none"])
+def test_fold_promotes_an_integer_kernel_and_bias(layout, bias_kind):
+    # Regression: an int32 kernel came back all zeros and an int32 bias truncated.
+    rng = np.random.default_rng(0)
+    shape = (4, C) if layout == "dense-IO" else (3, 3, 2, C)
+    kernel = rng.integers(-5, 6, shape).astype(np.int32)
+    bias = {"int32": np.array([1, -2, 3], np.int32), "float32": np.array([0.5, -1, 2], np.float32)}
+    bias = bias.get(bias_kind)
+    params = {"scale": np.array([1.5, -0.5, 2.0], np.float32), "bias": np.zeros(C, np.float32)}
+    state = jaxbn.BatchStats(
+        mean=jnp.array([1.0, -1.0, 0.25]), var=jnp.array([4.0, 0.25, 9.0]), count=jnp.array(3)
+    )
+    fold = jaxbn.fold_dense if layout == "dense-IO" else jaxbn.fold_conv
+    new_kernel, new_bias = fold(kernel, bias, params, state)
+    multiplier = params["scale"] / np.sqrt(np.asarray(state.var, np.float64) + 1e-5)
+    old_bias = np.zeros(C) if bias is None else bias.astype(np.float64)
+    assert new_kernel.dtype == new_bias.dtype == jnp.float32
+    np.testing.assert_allclose(new_kernel, kernel * multiplier, rtol=1e-6)
+    np.testing.assert_allclose(
+        new_bias, (old_bias - np.asarray(state.mean)) * multiplier, rtol=1e-6, atol=1e-6
+    )
+
