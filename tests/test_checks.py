@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -549,3 +550,78 @@ def test_fold_promotes_an_integer_kernel_and_bias(layout, bias_kind):
         new_bias, (old_bias - np.asarray(state.mean)) * multiplier, rtol=1e-6, atol=1e-6
     )
 
+
+def _recalibration_batches():
+    """Three batches, the middle one with a NaN in feature 0: the population of the others."""
+    good = [_data((16, C), seed=s) * 3 for s in (2, 3)]
+    bad = good[1].copy()
+    bad[0, 0] = np.nan
+    return [good[0], bad, good[1]], np.concatenate(good).astype(np.float64)
+
+
+RECALIBRATION_LAYERS = {
+    # The recipe of recalibrate's docstring: batch_norm rejects the NaN batch, its count does
+    # not advance.
+    "BatchStats": lambda state: (
+        lambda x: (
+            jaxbn.batch_norm(x, None, state, training=True, momentum=0.0)[1],
+            x.shape[0],
+        )
+    ),
+    # A statistics mapping without count (jaxbn.linen's batch_stats): the rejected batch's
+    # statistics come back unchanged.
+    "mapping-without-count": lambda state: (
+        lambda x: (
+            dict(
+                mean=(new := jaxbn.batch_norm(x, None, state, training=True, momentum=0.0)[1]).mean,
+                var=new.var,
+            ),
+            x.shape[0],
+        )
+    ),
+}
+
+
+@pytest.mark.parametrize("layer", list(RECALIBRATION_LAYERS))
+def test_recalibrate_skips_a_batch_the_layer_rejected_and_names_it(layer):
+    # Regression: the NaN batch's unchanged state (mean 0, var 1) was pooled as data.
+    _, state = jaxbn.init(C)
+    stats = state if layer == "BatchStats" else {"mean": state.mean, "var": state.var}
+    batches, population = _recalibration_batches()
+    fn = RECALIBRATION_LAYERS[layer](state)
+    with pytest.warns(RuntimeWarning, match=r"skipped 1 of 3 batches.*batch 1 at the root"):
+        precise = jaxbn.recalibrate(fn, batches, stats)
+    mean, var = (
+        (precise.mean, precise.var) if layer == "BatchStats" else (precise["mean"], precise["var"])
+    )
+    np.testing.assert_allclose(mean, population.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(var, population.var(0), rtol=1e-5)
+    if layer == "BatchStats":
+        assert int(precise.count) == 2
+
+
+def test_recalibrate_skips_the_non_finite_features_of_a_layer_that_does_not_reject():
+    # A layer that returns whatever it computed (flax's BatchNorm): the NaN feature of the
+    # middle batch is left out there, its other features are pooled.
+    _, state = jaxbn.init(C)
+    batches, population = _recalibration_batches()
+    everything = np.concatenate(batches).astype(np.float64)
+
+    def fn(x):
+        return {"mean": jnp.mean(x, 0), "var": jnp.var(x, 0)}, x.shape[0]
+
+    stats = {"bn": {"mean": state.mean, "var": state.var}}
+    with pytest.warns(RuntimeWarning, match=r"batch 1 at \['bn'\]"):
+        precise = jaxbn.recalibrate(lambda x: ({"bn": fn(x)[0]}, x.shape[0]), batches, stats)
+    np.testing.assert_allclose(precise["bn"]["mean"][0], population[:, 0].mean(), rtol=1e-5)
+    np.testing.assert_allclose(precise["bn"]["var"][0], population[:, 0].var(), rtol=1e-5)
+    np.testing.assert_allclose(precise["bn"]["mean"][1:], everything[:, 1:].mean(0), rtol=1e-5)
+    np.testing.assert_allclose(precise["bn"]["var"][1:], everything[:, 1:].var(0), rtol=1e-5)
+
+
+def test_recalibrate_warns_about_nothing_when_every_batch_is_data():
+    _, state = jaxbn.init(C)
+    batches = [_data((8, C), seed=s) for s in (4, 5)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jaxbn.recalibrate(RECALIBRATION_LAYERS["BatchStats"](state), batches, state)
