@@ -66,7 +66,8 @@ def fold_dense(
       ValueError: a bad ``kernel_layout``, a kernel that is not 2-D, a shape mismatch
         between the kernel's output features and ``bias``, ``params`` or ``state``, or
         ``epsilon <= 0``.
-      TypeError: ``state`` is neither a BatchStats nor a mapping with mean and var.
+      TypeError: ``state`` is neither a BatchStats nor a mapping with mean and var, or
+        ``epsilon`` is not a real scalar.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxbn
@@ -130,7 +131,8 @@ def fold_conv(
       ValueError: a bad ``kernel_layout`` (letters, or length other than the kernel's
         rank), a shape mismatch between the output channels and ``bias``, ``params`` or
         ``state``, or ``epsilon <= 0``.
-      TypeError: ``state`` is neither a BatchStats nor a mapping with mean and var.
+      TypeError: ``state`` is neither a BatchStats nor a mapping with mean and var, or
+        ``epsilon`` is not a real scalar.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxbn
