@@ -89,7 +89,10 @@ def normalize_with_fields(
     as flax does it, with statistics over zero axes: each value is its own mean, and the
     variance is 0.
     """
-    real = stats_dtype(var.dtype)
+    # Integer (or bool) stored statistics are read as flax reads them: promoted, here to
+    # the statistics dtype of `x` (flax's `momentum * ra_mean + ...` gives float32, or
+    # float64 for float64 `x`); `stored` then keeps the promoted values.
+    real = stats_dtype(var.dtype if jnp.issubdtype(var.dtype, jnp.inexact) else x.dtype)
     if is_complex(var.dtype):  # flax.nnx promotes every statistic to a complex x's dtype
         var = var.real
     state = BatchStats(
@@ -174,7 +177,13 @@ def check_variables(
 
 def stored(new: jax.Array, old: jax.Array) -> jax.Array:
     """A new running statistic in the dtype of the stored one, made complex where ``new``
-    is (flax's running mean becomes complex after a training step on complex input)."""
+    is (flax's running mean becomes complex after a training step on complex input).
+
+    A stored integer or bool statistic is not truncated: the new one keeps its floating
+    dtype, as flax.linen's assignment ``ra_mean.value = momentum * ra_mean.value + ...``
+    promotes it."""
+    if not jnp.issubdtype(old.dtype, jnp.inexact):
+        return new
     return new.astype(with_kind(real_dtype(old.dtype), is_complex(new.dtype) or is_complex(
         old.dtype)))
 

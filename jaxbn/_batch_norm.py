@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from . import _checks
@@ -97,23 +96,31 @@ def batch_norm(
       ``bias``, and the state is returned as given.
 
     Args:
-      x: the input, of a floating dtype.
+      x: the input, an array (or nested list) of a floating or complex dtype.
       params: ``{"scale": γ, "bias": β}`` of the feature shape, as made by :func:`init`;
         either key may be absent or None, and ``params=None`` means no affine transform.
-      state: the running statistics, a :class:`BatchStats` from :func:`init`.
+      state: the running statistics, a :class:`BatchStats` from :func:`init`: ``mean``
+        and ``var`` of the feature shape, float32 or wider; ``count`` a 0-d integer array.
       training: keyword-only, no default. True: normalize with batch statistics and
         return an updated state. False: normalize with the running statistics.
       axis: the feature axis, or a tuple of feature axes (e.g. ``-1`` for NHWC, ``1`` for
         NCHW, ``(1, 2)`` for per-position features). Every other axis is reduced.
-      momentum: EMA decay in ``[0, 1)``, or None for a cumulative average.
-      epsilon: added to the variance before the square root; must be > 0.
+      momentum: EMA decay in ``[0, 1)``, or None for a cumulative average. One value for
+        all features: a Python float or a 0-d floating array. A concrete value (a number,
+        or an array outside a transformation) is range-checked; a traced one (an argument
+        of a jitted function) is not, and keeping it in ``[0, 1)`` is the caller's part.
+      epsilon: added to the variance before the square root; must be > 0. A scalar like
+        ``momentum``, range-checked where concrete and unchecked where traced.
       axis_name: a named axis (or tuple of names) bound by ``jax.shard_map``, ``jax.pmap``
         or ``jax.vmap`` over which the statistics are synchronized. The devices' statistics
         are combined with one collective, each weighted by its count of valid entries.
         Under sharded ``jax.jit`` (SPMD) pass None: XLA inserts the reductions itself.
       axis_index_groups: with ``axis_name``, groups of device indices that synchronize among
-        themselves only, e.g. ``[[0, 1], [2, 3]]`` (pmap and shard_map).
-      mask: bool, broadcastable to ``x``: only True entries count toward the statistics.
+        themselves only, e.g. ``[[0, 1], [2, 3]]`` (pmap and shard_map): lists of ints of
+        one size, each index of the axis in exactly one group (checked against the axis
+        size when tracing).
+      mask: a bool array (jax or numpy), broadcastable to ``x``: only True entries count
+        toward the statistics.
         Every entry is still normalized. Ignored in evaluation. A batch with no valid
         entry (fully masked, or a batch axis of size 0) gives a finite output and leaves
         the state unchanged.
@@ -128,11 +135,14 @@ def batch_norm(
       No gradient flows into ``new_state``.
 
     Raises:
-      TypeError: ``training`` is not a bool, ``x`` is not floating, ``state`` is not a
-        :class:`BatchStats`, ``mask`` is not bool, or ``axis`` is not an int/tuple.
+      TypeError: ``training`` is not a bool, ``x`` is not an array of a floating dtype,
+        ``state`` is not a :class:`BatchStats` (or its ``count`` not a 0-d integer array),
+        ``mask`` is not a bool array, ``axis`` is not an int/tuple, ``momentum``/``epsilon``
+        are not real scalars (a bool is not), or ``axis_index_groups`` are not lists of ints.
       ValueError: ``axis`` out of range or repeated, a feature-shape mismatch between ``x``
-        and ``params``/``state``, ``momentum`` outside ``[0, 1)``, ``epsilon <= 0``, a mask
-        that does not broadcast to ``x``, ``axis_index_groups`` without ``axis_name``, or a
+        and ``params``/``state``, a concrete ``momentum`` outside ``[0, 1)`` or
+        ``epsilon <= 0``, a mask that does not broadcast to ``x``, ``axis_index_groups``
+        without ``axis_name`` or not a partition of its indices into equal groups, or a
         ``virtual_batch_size`` that is not a positive divisor of the batch axis or comes with
         ``axis_name``.
       NameError: ``axis_name`` is not bound by an enclosing transformation.
@@ -189,8 +199,7 @@ def _check_common(
 ) -> tuple[jax.Array, _checks.Layout]:
     """The checks shared by batch_norm and batch_renorm, in both modes."""
     _checks.check_training(training)
-    x = jnp.asarray(x)
-    _checks.check_input(x)
+    x = _checks.check_input(x)
     lay = _checks.with_shape(_checks.layout(x.ndim, axis), x.shape)
     _checks.check_params(params, lay, x.shape)
     _checks.check_state(state, lay.feature_shape, x.dtype, training=bool(training))

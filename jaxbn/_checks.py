@@ -53,13 +53,27 @@ def check_training(training: Any) -> bool:
     )
 
 
-def check_input(x: jax.Array) -> None:
-    if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.complexfloating)):
+def check_input(x: Any) -> jax.Array:
+    """``x`` as an array of a floating or complex dtype; anything else is refused by name."""
+    if x is None or isinstance(x, (str, bytes, Mapping)):
+        raise TypeError(
+            f"`x` must be an array of a floating dtype (a jax or numpy array), got "
+            f"{type(x).__name__} {x!r}."
+        )
+    try:
+        array = jnp.asarray(x)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"`x` must be an array of a floating dtype (a jax or numpy array), got "
+            f"{type(x).__name__}, which jnp.asarray cannot convert: {err}"
+        ) from None
+    if not jnp.issubdtype(array.dtype, jnp.inexact):
         raise TypeError(
             f"`x` must have a floating dtype (float16, bfloat16, float32, float64) or a complex "
-            f"one (complex64, complex128), got {x.dtype}. Cast it first, e.g. "
+            f"one (complex64, complex128), got {array.dtype}. Cast it first, e.g. "
             f"x.astype(jnp.float32)."
         )
+    return array
 
 
 def layout(ndim: int, axis: Any) -> Layout:
@@ -146,6 +160,7 @@ def check_state(
                 f"`state.{name}` must have the feature shape {feature_shape} of `x` along "
                 f"`axis`, got shape {shape}. Create the state with jaxbn.init({feature_shape})."
             )
+    check_count(state.count)
     mean_dtype, var_dtype = jnp.result_type(state.mean), jnp.result_type(state.var)
     for name, dtype in (("mean", mean_dtype), ("var", var_dtype)):
         if not jnp.issubdtype(dtype, jnp.inexact) or jnp.finfo(dtype).bits < 32:
@@ -166,6 +181,21 @@ def check_state(
         )
 
 
+def check_count(count: Any) -> None:
+    """``state.count`` is a 0-d integer array (it may be traced): the batches merged so far."""
+    if isinstance(count, (jax.Array, np.ndarray, np.generic)):
+        if jnp.issubdtype(count.dtype, jnp.integer) and np.shape(count) == ():
+            return
+        given = f"an array of shape {np.shape(count)} and dtype {count.dtype}"
+    else:
+        given = f"{type(count).__name__} {count!r}"
+    raise TypeError(
+        f"`state.count` must be a 0-d integer array (int32, the number of batches merged so "
+        f"far, as jaxbn.init makes it), got {given}. Keep the count of the state that "
+        f"jaxbn.init or batch_norm returned, or set it with jnp.asarray(n, jnp.int32)."
+    )
+
+
 def _concrete(value: Any) -> float | None:
     """The Python value of a number, or None if it is traced."""
     try:
@@ -174,10 +204,35 @@ def _concrete(value: Any) -> float | None:
         return None
 
 
+def _hyperparameter(value: Any, name: str, meaning: str) -> np.ndarray | None:
+    """``value`` is a real scalar: a Python int or float (not a bool), or a 0-d array of a
+    floating dtype, which may be traced. Returns its value where it is concrete (a Python
+    number, or an array outside a transformation), None where it is traced."""
+    expected = (
+        f"`{name}` must be a real scalar ({meaning}): a Python float or a 0-d floating "
+        f"array, which may be traced"
+    )
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (numbers.Real, jax.Array, np.ndarray, np.generic)
+    ):
+        raise TypeError(f"{expected}; got {type(value).__name__} {value!r}.")
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+        shape = tuple(np.shape(value))
+        if shape or not jnp.issubdtype(value.dtype, jnp.floating):
+            raise TypeError(
+                f"{expected} (one value for all features); got an array of shape {shape} "
+                f"and dtype {value.dtype}."
+            )
+    if isinstance(value, jax.core.Tracer):
+        return None
+    return np.asarray(value, np.float64)
+
+
 def check_momentum(momentum: Any) -> None:
+    """``momentum`` is None or a real scalar, in ``[0, 1)`` where it is concrete."""
     if momentum is None:
         return
-    value = _concrete(momentum)
+    value = _hyperparameter(momentum, "momentum", "the EMA decay, in [0, 1)")
     if value is not None and not 0.0 <= value < 1.0:
         raise ValueError(
             f"`momentum` must lie in [0, 1) (the EMA keeps momentum*old + (1-momentum)*batch; "
@@ -186,7 +241,8 @@ def check_momentum(momentum: Any) -> None:
 
 
 def check_epsilon(epsilon: Any) -> None:
-    value = _concrete(epsilon)
+    """``epsilon`` is a real scalar, > 0 where it is concrete."""
+    value = _hyperparameter(epsilon, "epsilon", "added to the variance, > 0")
     if value is not None and not value > 0.0:
         raise ValueError(f"`epsilon` must be > 0, got {epsilon!r}.")
 
@@ -194,6 +250,11 @@ def check_epsilon(epsilon: Any) -> None:
 def check_mask(mask: Any, x_shape: tuple[int, ...]) -> None:
     if mask is None:
         return
+    if not isinstance(mask, (jax.Array, np.ndarray, np.generic, bool)):
+        raise TypeError(
+            f"`mask` must be a bool array (jax or numpy) or None, got {type(mask).__name__}. "
+            f"Convert it first, e.g. jnp.asarray(mask, bool)."
+        )
     dtype = jnp.result_type(mask)
     if dtype != jnp.bool_:
         raise TypeError(
@@ -212,22 +273,18 @@ def check_mask(mask: Any, x_shape: tuple[int, ...]) -> None:
 
 
 def check_axis_name(axis_name: AxisName | None, axis_index_groups: Any) -> None:
-    if axis_index_groups is not None:
-        if axis_name is None:
-            raise ValueError(
-                "`axis_index_groups` needs `axis_name`: it splits the devices of that named "
-                f"axis into groups, got axis_index_groups={axis_index_groups!r} and axis_name=None."
-            )
-        groups = [list(g) for g in axis_index_groups]
-        if not groups or len({len(g) for g in groups}) != 1 or not groups[0]:
-            raise ValueError(
-                "`axis_index_groups` must be a non-empty list of equal-size, non-empty groups "
-                f"of device indices, got {axis_index_groups!r}."
-            )
+    """``axis_name`` is bound here; ``axis_index_groups`` (with it) partitions its indices
+    ``range(axis_size)`` into groups of one size."""
+    if axis_index_groups is not None and axis_name is None:
+        raise ValueError(
+            "`axis_index_groups` needs `axis_name`: it splits the devices of that named "
+            f"axis into groups, got axis_index_groups={axis_index_groups!r} and axis_name=None."
+        )
+    groups = None if axis_index_groups is None else _groups(axis_index_groups)
     if axis_name is None:
         return
     try:
-        jax.lax.axis_size(axis_name)
+        axis_size = jax.lax.axis_size(axis_name)
     except NameError as err:
         raise NameError(
             f"`axis_name` {axis_name!r} is not bound here: normalize inside a "
@@ -236,7 +293,60 @@ def check_axis_name(axis_name: AxisName | None, axis_index_groups: Any) -> None:
             f"jax.vmap(..., axis_name={axis_name!r}). Under sharded jax.jit no `axis_name` "
             f"is needed: pass None and XLA inserts the reductions. ({err})"
         ) from None
+    if groups is not None and isinstance(axis_size, numbers.Integral):
+        _check_partition(groups, int(axis_size), axis_name, axis_index_groups)
 
+
+def _groups(axis_index_groups: Any) -> list[list[int]]:
+    """``axis_index_groups`` as lists of ints: a non-empty sequence of equal-size, non-empty
+    sequences of device indices."""
+    expected = (
+        "`axis_index_groups` must be a non-empty list of equal-size, non-empty lists of "
+        "device indices (ints), e.g. [[0, 1], [2, 3]]"
+    )
+    if isinstance(axis_index_groups, np.ndarray):
+        axis_index_groups = axis_index_groups.tolist()
+    if not isinstance(axis_index_groups, Sequence) or isinstance(axis_index_groups, str) or not all(
+        isinstance(g, Sequence) and not isinstance(g, str) for g in axis_index_groups
+    ):
+        raise TypeError(f"{expected}, got {axis_index_groups!r}.")
+    groups = [list(g) for g in axis_index_groups]
+    if not all(
+        isinstance(i, numbers.Integral) and not isinstance(i, (bool, np.bool_))
+        for g in groups
+        for i in g
+    ):
+        raise TypeError(f"{expected}, got {axis_index_groups!r}.")
+    if not groups or len({len(g) for g in groups}) != 1 or not groups[0]:
+        raise ValueError(f"{expected}, got {axis_index_groups!r}.")
+    return [[int(i) for i in g] for g in groups]
+
+
+def _check_partition(
+    groups: list[list[int]], axis_size: int, axis_name: Any, given: Any
+) -> None:
+    """Every index of the axis is in exactly one group (XLA fails with a C++ stack if not)."""
+    indices = [i for g in groups for i in g]
+    outside = sorted({i for i in indices if not 0 <= i < axis_size})
+    repeated = sorted({i for i in indices if indices.count(i) > 1})
+    missing = sorted(set(range(axis_size)) - set(indices))
+    problems = (
+        ([f"indices outside [0, {axis_size}): {outside}"] if outside else [])
+        + ([f"indices in more than one place: {repeated}"] if repeated else [])
+        + ([f"indices in no group: {missing}"] if missing else [])
+    )
+    if problems:
+        raise ValueError(
+            f"`axis_index_groups` must split the {axis_size} indices of `axis_name` "
+            f"{axis_name!r} (0 to {axis_size - 1}) into groups of equal size, each index in "
+            f"exactly one group, e.g. {_example_partition(axis_size)}; got {given!r}, with "
+            f"{'; '.join(problems)}."
+        )
+
+
+def _example_partition(axis_size: int) -> list[list[int]]:
+    half = axis_size // 2 if axis_size % 2 == 0 and axis_size > 1 else axis_size
+    return [list(range(start, start + half)) for start in range(0, axis_size, half)]
 
 
 def check_flag(name: str, value: Any) -> None:

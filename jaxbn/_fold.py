@@ -41,7 +41,9 @@ def fold_dense(
 
     The folded layer matches the batch norm of :func:`~jaxbn.batch_norm` with
     ``training=False`` and the same ``epsilon``. The arithmetic runs in float32 or wider;
-    the results have the kernel's dtype. (When ``|mean| >> std`` the folded bias cancels a
+    the results have the kernel's dtype (an integer or bool kernel or bias is promoted, as
+    flax promotes it: the folded one is floating, the widest floating dtype given, at least
+    float32). (When ``|mean| >> std`` the folded bias cancels a
     large term, as any folding does; the unfolded layer keeps that precision.)
 
     Args:
@@ -56,14 +58,16 @@ def fold_dense(
       kernel_layout: ``"IO"`` or ``"OI"``.
 
     Returns:
-      ``(new_kernel, new_bias)``: same kernel shape and dtype; ``new_bias`` of shape ``[out]``
-      (a bias is created when ``bias`` is None).
+      ``(new_kernel, new_bias)``: same kernel shape and dtype (an integer or bool one
+      promoted to floating); ``new_bias`` of shape ``[out]`` and the bias's dtype (the new
+      kernel's when ``bias`` is None or not floating).
 
     Raises:
       ValueError: a bad ``kernel_layout``, a kernel that is not 2-D, a shape mismatch
         between the kernel's output features and ``bias``, ``params`` or ``state``, or
         ``epsilon <= 0``.
-      TypeError: ``state`` is neither a BatchStats nor a mapping with mean and var.
+      TypeError: ``state`` is neither a BatchStats nor a mapping with mean and var, or
+        ``epsilon`` is not a real scalar.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxbn
@@ -119,14 +123,16 @@ def fold_conv(
         ``torch.nn.Conv2d``; ``"WIO"``/``"OIW"`` in 1-D, ``"DHWIO"``/``"OIDHW"`` in 3-D.
 
     Returns:
-      ``(new_kernel, new_bias)``: same kernel shape and dtype; ``new_bias`` of shape ``[out]``
-      (a bias is created when ``bias`` is None).
+      ``(new_kernel, new_bias)``: same kernel shape and dtype (an integer or bool one
+      promoted to floating); ``new_bias`` of shape ``[out]`` and the bias's dtype (the new
+      kernel's when ``bias`` is None or not floating).
 
     Raises:
       ValueError: a bad ``kernel_layout`` (letters, or length other than the kernel's
         rank), a shape mismatch between the output channels and ``bias``, ``params`` or
         ``state``, or ``epsilon <= 0``.
-      TypeError: ``state`` is neither a BatchStats nor a mapping with mean and var.
+      TypeError: ``state`` is neither a BatchStats nor a mapping with mean and var, or
+        ``epsilon`` is not a real scalar.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxbn
@@ -204,7 +210,12 @@ def _fold(
                 f"{channels}, got shape {tuple(np.shape(value))}."
             )
     arrays = [jnp.asarray(a) for a in (kernel, bias, scale, beta, mean, var) if a is not None]
-    dtype = wider_float(np.float32, *(a.dtype for a in arrays))
+    # Integer and bool arrays are promoted, as flax promotes them: the arithmetic runs in
+    # the widest floating dtype given (float32 at least), and an integer kernel or bias
+    # comes back floating, never truncated.
+    dtype = wider_float(
+        np.float32, *(a.dtype for a in arrays if jnp.issubdtype(a.dtype, jnp.inexact))
+    )
     multiplier, _ = coefficients(
         var, None if scale is None else jnp.asarray(scale), jnp.asarray(epsilon, dtype), dtype
     )
@@ -214,5 +225,11 @@ def _fold(
     old_bias = jnp.zeros(channels, dtype) if bias is None else jnp.asarray(bias).astype(dtype)
     beta_ = None if beta is None else jnp.asarray(beta)
     new_bias = scale_shift(old_bias, mean, multiplier, beta_, dtype)
-    bias_dtype = kernel.dtype if bias is None else jnp.asarray(bias).dtype
-    return new_kernel.astype(kernel.dtype), new_bias.astype(bias_dtype)
+    kernel_dtype = _promoted(kernel.dtype, dtype)
+    bias_dtype = kernel_dtype if bias is None else _promoted(jnp.asarray(bias).dtype, kernel_dtype)
+    return new_kernel.astype(kernel_dtype), new_bias.astype(bias_dtype)
+
+
+def _promoted(given: Any, floating: Any) -> Any:
+    """``given`` if it is a floating (or complex) dtype, else ``floating``."""
+    return given if jnp.issubdtype(given, jnp.inexact) else floating

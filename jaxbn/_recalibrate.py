@@ -15,6 +15,7 @@ An accumulator in the style of optax: :func:`recalibration_init`,
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -152,6 +153,15 @@ def recalibration_init(stats: Any) -> RecalibrationState:
     return RecalibrationState(stats=stats, pooled=jax.tree.unflatten(treedef, pooled))
 
 
+def _check_acc(acc: Any, function: str) -> None:
+    if not isinstance(acc, RecalibrationState):
+        raise TypeError(
+            f"`acc` must be the jaxbn.RecalibrationState that recalibration_init (or a "
+            f"previous recalibration_update) returned, got {type(acc).__name__}. Start with "
+            f"acc = jaxbn.recalibration_init(stats), then call {function}(acc, ...)."
+        )
+
+
 def _counts_per_node(counts: Any, stats: Any, treedef: Any) -> list[Any]:
     if isinstance(counts, (int, float, np.ndarray, np.generic, jax.Array)):
         return [counts] * treedef.num_leaves
@@ -201,6 +211,7 @@ def recalibration_update(
       The updated accumulator, of the same structure, shapes and dtypes.
 
     Raises:
+      TypeError: ``acc`` is not a :class:`RecalibrationState` (a ``BatchStats``, say).
       ValueError: ``batch_stats`` does not have the structure or feature shapes of
         ``acc.stats``, or ``counts`` does not match its statistics nodes.
 
@@ -215,6 +226,7 @@ def recalibration_update(
       >>> round(float(pooled.mean[0]), 5), round(float(pooled.var[0]), 5), int(pooled.count)
       (4.0, 8.0, 2)
     """
+    _check_acc(acc, "recalibration_update")
     nodes, treedef = _flatten(acc.stats)
     batch_nodes, batch_treedef = _flatten(batch_stats)
     paths = _paths(acc.stats)
@@ -285,6 +297,9 @@ def recalibration_result(acc: RecalibrationState) -> Any:
     Returns:
       A tree of the structure of ``acc.stats`` with the pooled statistics.
 
+    Raises:
+      TypeError: ``acc`` is not a :class:`RecalibrationState` (a ``BatchStats``, say).
+
     Example:
       >>> import jaxbn
       >>> _, state = jaxbn.init(2)
@@ -292,6 +307,7 @@ def recalibration_result(acc: RecalibrationState) -> Any:
       >>> same["bn"].var.tolist(), int(same["bn"].count)  # no batch merged: values kept
       ([1.0, 1.0], 0)
     """
+    _check_acc(acc, "recalibration_result")
     nodes, treedef = _flatten(acc.stats)
     pooled_nodes = treedef.flatten_up_to(acc.pooled)
     results = []
@@ -324,9 +340,83 @@ def _replace_mapping(node: Mapping[str, Any], mean: jax.Array, var: jax.Array) -
         return updated
 
 
+def _count(node: Any) -> Any:
+    """The batch count of a statistics node (a BatchStats, or a mapping with "count"), or
+    None if it keeps none."""
+    if isinstance(node, BatchStats):
+        return node.count
+    return node.get("count") if isinstance(node, Mapping) else None
+
+
+def _rejected_features(template: Any, batch: Any) -> jax.Array:
+    """Per feature, whether the layer rejected this batch there, so its statistics are
+    not data: the node's count did not advance past the template's (jaxbn keeps the state
+    of a batch with non-finite statistics and does not count it), or, for a node that keeps
+    no count, its statistics came back bitwise unchanged; or the feature's statistics are
+    not finite (a layer that does not reject, such as flax's)."""
+    old_mean, old_var = _mean_var(template)
+    mean, var = _mean_var(batch)
+    old_count, count = _count(template), _count(batch)
+    if old_count is not None and count is not None:
+        old_count = jnp.asarray(old_count)
+        node_rejected = jnp.all(jnp.asarray(count).astype(old_count.dtype) == old_count)
+    elif mean.dtype == old_mean.dtype and var.dtype == old_var.dtype:
+        node_rejected = jnp.all(mean == old_mean) & jnp.all(var == old_var)
+    else:  # new arrays, of another dtype: the layer computed them
+        node_rejected = jnp.zeros((), bool)
+    return node_rejected | ~(jnp.isfinite(mean) & jnp.isfinite(var))
+
+
 @jax.jit
-def _update_jit(acc: RecalibrationState, batch_stats: Any, counts: Any) -> RecalibrationState:
-    return recalibration_update(acc, batch_stats, counts)
+def _update_jit(
+    acc: RecalibrationState, batch_stats: Any, counts: Any
+) -> tuple[RecalibrationState, jax.Array]:
+    """:func:`recalibration_update`, with count 0 wherever a layer rejected the batch
+    (see :func:`_rejected_features`); also returns, per statistics node, whether it left
+    out entries that ``counts`` gave."""
+    nodes, treedef = _flatten(acc.stats)
+    batch_nodes, batch_treedef = _flatten(batch_stats)
+    if batch_treedef != treedef:
+        return recalibration_update(acc, batch_stats, counts), jnp.zeros((0,), bool)  # raises
+    kept, skipped = [], []
+    for node, batch, count in zip(
+        nodes, batch_nodes, _counts_per_node(counts, acc.stats, treedef), strict=True
+    ):
+        if not (_is_stats_node(node) and _is_stats_node(batch)):
+            kept.append(count)  # nothing to judge, or recalibration_update raises
+            continue
+        shape = _mean_var(node)[0].shape
+        if {a.shape for a in _mean_var(batch)} != {shape} or np.shape(count) not in ((), shape):
+            kept.append(count)  # recalibration_update raises
+            continue
+        rejected = _rejected_features(node, batch)
+        given = jnp.broadcast_to(jnp.asarray(count), shape)
+        kept.append(jnp.where(rejected, jnp.zeros_like(given), given))
+        skipped.append(jnp.any(rejected & (given > 0)))
+    acc = recalibration_update(acc, batch_stats, jax.tree.unflatten(treedef, kept))
+    return acc, jnp.stack(skipped) if skipped else jnp.zeros((0,), bool)
+
+
+def _warn_skipped(skipped: list[jax.Array], paths: list[str]) -> None:
+    """One warning naming each batch that a layer rejected, and the layers."""
+    flags = np.asarray(jax.device_get(skipped), bool).reshape(len(skipped), -1)
+    which = [
+        f"batch {i} at {_listing([p for p, s in zip(paths, row, strict=True) if s])}"
+        for i, row in enumerate(flags)
+        if row.any()
+    ]
+    if not which:
+        return
+    shown = "; ".join(which[:5]) + (f"; and {len(which) - 5} more" if len(which) > 5 else "")
+    warnings.warn(
+        f"recalibrate skipped {len(which)} of {len(flags)} batches where a layer rejected "
+        f"them (batches counted from 0): {shown}. A layer rejects a batch whose statistics "
+        f"are not finite (a NaN or inf in it): its count does not advance (or, without a "
+        f"count, its statistics come back unchanged), so they are no data and are not "
+        f"pooled; the result pools the other batches.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def recalibrate(
@@ -360,8 +450,15 @@ def recalibrate(
       ``nnx.to_pure_dict(nnx.state(copy, nnx.BatchStat))``; write the result back with
       ``nnx.replace_by_pure_dict`` and ``nnx.update``.
 
-    A batch with non-finite statistics is not merged by ``batch_norm`` (its new state is the
-    old one); drop such batches, or pass count 0 for them.
+    ``batch_stats_fn`` must run the model on ``stats`` themselves, as the recipes do: a
+    layer that rejects a batch (``batch_norm`` does when its statistics are not finite: a
+    NaN or inf in it) returns ``stats``' own values and count, which are no data. Such a
+    batch is skipped at that layer, and so is a feature whose returned statistics are not
+    finite (a layer that does not reject, such as flax's); a ``RuntimeWarning`` names the
+    batches (counted from 0) and the layers. A layer that keeps a count (a
+    :class:`~jaxbn.BatchStats`; a mapping with ``"count"``, as ``jaxbn.linen.BatchNorm``
+    keeps with ``debias``) rejected the batch if its count did not advance; one that keeps
+    none, if its statistics come back bitwise unchanged.
 
     Args:
       batch_stats_fn: ``batch -> (batch_stats, counts)`` as above.
@@ -391,6 +488,7 @@ def recalibrate(
     """
     acc = recalibration_init(stats)
     merged = 0
+    skipped = []
     for batch in batches:
         result = batch_stats_fn(batch)
         if not (isinstance(result, tuple) and len(result) == 2):
@@ -399,8 +497,12 @@ def recalibrate(
                 f"{type(result).__name__}. Return e.g. (new_stats, x.shape[0])."
             )
         batch_stats, counts = result
-        acc = _update_jit(acc, batch_stats, counts)
+        acc, skipped_nodes = _update_jit(acc, batch_stats, counts)
+        skipped.append(skipped_nodes)
         merged += 1
     if not merged:
         raise ValueError("`batches` yielded no batch: recalibration needs at least one.")
+    nodes, _ = _flatten(stats)
+    paths = [p for p, node in zip(_paths(stats), nodes, strict=True) if _is_stats_node(node)]
+    _warn_skipped(skipped, paths)
     return recalibration_result(acc)

@@ -72,8 +72,10 @@ def batch_renorm(
       r_max: the clipping bound of ``r``, ``>= 1``; a Python number or a (traced) scalar.
       d_max: the clipping bound of ``d``, ``>= 0``; a Python number or a (traced) scalar.
       axis: the feature axis or axes, as in :func:`~jaxbn.batch_norm`.
-      momentum: EMA decay in ``[0, 1)``, or None for a cumulative average.
-      epsilon: added to both variances before the square root; must be > 0.
+      momentum: EMA decay in ``[0, 1)``, or None for a cumulative average; a scalar,
+        range-checked unless traced, as in :func:`~jaxbn.batch_norm`.
+      epsilon: added to both variances before the square root; a scalar > 0, range-checked
+        unless traced.
       axis_name: named axis (or tuple) over which the batch moments are synchronized.
       axis_index_groups: with ``axis_name``, groups of devices that synchronize separately.
       mask: bool, broadcastable to ``x``: only True entries count toward the statistics.

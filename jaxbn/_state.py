@@ -49,12 +49,15 @@ class BatchStats(NamedTuple):
     """
 
 
+def _is_size(value: object) -> bool:
+    """An int (Python or numpy), not a bool: True is no feature size."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def _feature_shape(feature_shape: int | Sequence[int]) -> tuple[int, ...]:
-    if isinstance(feature_shape, (int, np.integer)):
+    if isinstance(feature_shape, (int, np.integer)) and _is_size(feature_shape):
         shape: tuple[int, ...] = (int(feature_shape),)
-    elif isinstance(feature_shape, Sequence) and all(
-        isinstance(d, (int, np.integer)) for d in feature_shape
-    ):
+    elif isinstance(feature_shape, Sequence) and all(_is_size(d) for d in feature_shape):
         shape = tuple(int(d) for d in feature_shape)
     else:
         raise TypeError(
@@ -74,18 +77,18 @@ def init(
     Args:
       feature_shape: the size of the feature axis (``C`` for NHWC or NCHW input), or a
         tuple of sizes when several axes are features (``axis=(1, 2)`` in ``batch_norm``).
-      dtype: floating dtype of the parameters. The statistics use this dtype promoted to at
-        least float32 (bfloat16 parameters get float32 statistics). A complex dtype (for
-        complex input, as flax normalizes it) gives complex parameters, a complex running
-        mean and a real running variance ``E|x - mean|²``.
+      dtype: floating dtype of the parameters (None: float32). The statistics use this
+        dtype promoted to at least float32 (bfloat16 parameters get float32 statistics). A
+        complex dtype (for complex input, as flax normalizes it) gives complex parameters, a
+        complex running mean and a real running variance ``E|x - mean|²``.
 
     Returns:
       ``(params, state)``: ``params = {"scale": ones, "bias": zeros}`` and
       ``state = BatchStats(mean=zeros, var=ones, count=0)``.
 
     Raises:
-      TypeError: ``feature_shape`` is not an int or tuple of ints, or ``dtype`` is neither
-        floating nor complex.
+      TypeError: ``feature_shape`` is not an int or tuple of ints (a bool is not a size),
+        or ``dtype`` is not a dtype, or neither floating nor complex.
       ValueError: a size in ``feature_shape`` is not positive.
 
     Example:
@@ -95,10 +98,17 @@ def init(
       ((3,), dtype('float32'), 0)
     """
     shape = _feature_shape(feature_shape)
+    try:
+        dtype = np.dtype(jnp.float32 if dtype is None else dtype)
+    except TypeError:
+        raise TypeError(
+            f"`dtype` must be a floating dtype such as jnp.float32 (or a complex one, for "
+            f"complex input), got {type(dtype).__name__} {dtype!r}, which is no dtype."
+        ) from None
     if not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(
             f"`dtype` must be a floating dtype such as jnp.float32 (or a complex one, for "
-            f"complex input), got {np.dtype(dtype)}."
+            f"complex input), got {dtype}."
         )
     real = stats_dtype(dtype)
     params: Params = {"scale": jnp.ones(shape, dtype), "bias": jnp.zeros(shape, dtype)}

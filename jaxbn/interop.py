@@ -67,6 +67,20 @@ def _check_entries(batch_entries: int | None) -> None:
         )
 
 
+def _check_state_dict(state_dict: Any) -> None:
+    if isinstance(state_dict, Mapping):
+        return
+    fix = (
+        " Pass its entries: from_torch(module.state_dict())."
+        if callable(getattr(state_dict, "state_dict", None))
+        else ""
+    )
+    raise TypeError(
+        f"`state_dict` must be a mapping of a torch batch-norm layer's entries "
+        f"(running_mean, running_var, ...), got {type(state_dict).__name__}.{fix}"
+    )
+
+
 def _state_dtype(*arrays: np.ndarray) -> Any:
     return np.float64 if any(a.dtype == np.float64 for a in arrays) else np.float32
 
@@ -94,6 +108,7 @@ def from_torch(
       into jax arrays), or None when the layer has no affine parameters (``affine=False``).
 
     Raises:
+      TypeError: ``state_dict`` is not a mapping (a module, say: pass ``module.state_dict()``).
       KeyError: ``running_mean`` or ``running_var`` is missing (``track_running_stats=False``
         layers keep no statistics), or only one of ``weight``/``bias`` is present.
       ValueError: the entries' shapes differ, or ``batch_entries`` is not an int >= 2.
@@ -107,6 +122,7 @@ def from_torch(
       >>> state.var.tolist(), int(state.count)
       ([2.0, 2.0, 2.0], 7)
     """
+    _check_state_dict(state_dict)
     _check_entries(batch_entries)
     missing = [k for k in ("running_mean", "running_var") if prefix + k not in state_dict]
     if missing:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -150,3 +151,95 @@ def test_negative_scale_flips_the_sign_of_the_output(case):
     shape, axis, dtype, seed, a, b = case
     y, y_rescaled = _bn_of_rescaled(shape, axis, dtype, seed, a, b)
     np.testing.assert_allclose(y_rescaled, -y, rtol=0, atol=AFFINE_TOL[dtype])
+
+
+# ----------------------------------------------------------------------------------------------
+# No input leaves the running statistics non-finite or negative
+# ----------------------------------------------------------------------------------------------
+
+# A few shapes, so that examples share compiled programs: the batch axis may be empty.
+# (Hypothesis starts from the first entry of each choice: the ordinary case comes first.)
+SWEEP_SHAPES = [(4, 3), (3, 2, 3), (1, 3), (0, 3)]
+# Finite values, or these mixed with the edges: NaN, ±inf, huge values whose squares overflow
+# float32, tiny ones, and any float32.
+FINITE_VALUES = st.floats(-10.0, 10.0, width=32)
+EDGE_VALUES = st.one_of(
+    FINITE_VALUES,
+    st.sampled_from([np.nan, np.inf, -np.inf, 3e38, -3e38, 1e30, 1e-30, 0.0]),
+    st.floats(width=32),
+)
+
+
+def _sweep_step(x, state, mask, momentum, epsilon, *, unbiased_running_var):
+    return jaxbn.batch_norm(
+        x,
+        None,
+        state,
+        training=True,
+        mask=mask,
+        momentum=momentum,
+        epsilon=epsilon,
+        unbiased_running_var=unbiased_running_var,
+    )
+
+
+# momentum and epsilon are traced, so the compiled programs are shared across their values.
+_sweep_step_jit = jax.jit(_sweep_step, static_argnames=("unbiased_running_var",))
+
+
+@st.composite
+def bad_batches(draw):
+    """(x, state, mask, momentum, epsilon, unbiased_running_var): any batch, masked or not,
+    against a valid running state."""
+    shape = draw(st.sampled_from(SWEEP_SHAPES))
+    size = int(np.prod(shape))
+    values = draw(st.sampled_from([FINITE_VALUES, EDGE_VALUES]))
+    x = np.array(draw(st.lists(values, min_size=size, max_size=size)), np.float32)
+    x = x.reshape(shape)
+    mask_kind = draw(st.sampled_from(["none", "random", "none-valid"]))
+    if mask_kind == "none":
+        mask = None
+    elif mask_kind == "random":
+        mask = np.array(draw(st.lists(st.booleans(), min_size=size, max_size=size)), bool)
+        mask = mask.reshape(shape)
+    else:
+        mask = np.zeros(shape, bool)
+    state = jaxbn.BatchStats(
+        mean=jnp.asarray(draw(st.lists(st.floats(-1e3, 1e3), min_size=3, max_size=3)), jnp.float32),
+        var=jnp.asarray(draw(st.lists(st.floats(0.0, 1e3), min_size=3, max_size=3)), jnp.float32),
+        count=jnp.asarray(draw(st.integers(0, 5)), jnp.int32),
+    )
+    # Out-of-range values too: given as concrete arrays, they must be refused.
+    in_range = draw(st.integers(0, 3)) < 3  # mostly
+    momentum = draw(
+        st.one_of(st.none(), st.floats(0.0, 0.999)) if in_range else st.floats(-1.0, 2.0)
+    )
+    epsilon = draw(st.floats(1e-8, 1.0) if in_range else st.floats(-1.0, 1.0))
+    return x, state, mask, momentum, epsilon, draw(st.booleans())
+
+
+@settings(SETTINGS, max_examples=30)
+@given(bad_batches())
+def test_no_input_leaves_the_running_statistics_non_finite_or_negative(case):
+    x, state, mask, momentum, epsilon, unbiased = case
+    hyper = (None if momentum is None else jnp.float32(momentum), jnp.float32(epsilon))
+    if not (momentum is None or 0.0 <= hyper[0] < 1.0) or not hyper[1] > 0.0:
+        # Concrete, so range-checked: refused before anything is computed.
+        with pytest.raises(ValueError, match=r"`momentum`|`epsilon`"):
+            _sweep_step(x, state, mask, *hyper, unbiased_running_var=unbiased)
+        return
+    # Traced in range: the program runs, whatever x and mask hold.
+    y, new = _sweep_step_jit(x, state, mask, *hyper, unbiased_running_var=unbiased)
+    assert np.isfinite(new.mean).all() and np.isfinite(new.var).all(), new
+    assert (np.asarray(new.var) >= 0).all(), new
+    assert jax.tree.map(jax.typeof, new) == jax.tree.map(jax.typeof, state)
+    valid = np.broadcast_to(True if mask is None else mask, x.shape)
+    if not valid.any() or not np.isfinite(x[valid]).all():
+        # A batch with no valid entry or a non-finite one is rejected: nothing changes.
+        assert int(new.count) == int(state.count)
+    if int(new.count) == int(state.count):
+        np.testing.assert_array_equal(new.mean, state.mean)
+        np.testing.assert_array_equal(new.var, state.var)
+    else:
+        assert int(new.count) == int(state.count) + 1
+    assert y.shape == x.shape
