@@ -26,7 +26,7 @@ from .bench import run_from_args as run_bench_from_args
 from .claims import CLAIM_IDS  # imports neither jax nor the extras: checks come first
 
 SYNC_DEVICES = 8
-COMMANDS = ("list", "run", "plot", "bench", "readme")
+COMMANDS = ("list", "run", "plot", "bench", "docs")
 # The options that define a run's results: --resume takes them from the run it continues.
 RUN_OPTIONS = ("claims", "full", "seeds", "dataset", "devices", "budget", "tensorboard",
                "num_processes")
@@ -47,7 +47,7 @@ Put the seed articles' claims about batch normalization to a measured test.
   python -m experiments run CLAIM...    some claims (quick mode unless --full)
   python -m experiments plot DIR        remake the figures and report.md from DIR/results.json
   python -m experiments bench           jaxbn vs flax layer timings, HLO passes, collectives
-  python -m experiments readme          rewrite README's results from experiments/reference/
+  python -m experiments docs            rewrite the docs' results, bench tables and figures
 
 The options below may stand before or after the command (`python -m experiments --full run
 convergence` = `python -m experiments run convergence --full`); `COMMAND --help` lists a
@@ -172,12 +172,13 @@ def _plot_parser(parser: _Parser) -> None:
     parser.add_argument("dir", metavar="DIR")
 
 
-def _readme_parser(parser: _Parser) -> None:
+def _docs_parser(parser: _Parser) -> None:
     parser.description = (
-        "Rewrite README.md's results section from experiments/reference/*/results.json."
+        "Rewrite the results and bench sections of docs/ and the figures in docs/figures/ "
+        "from experiments/reference/."
     )
     parser.add_argument("--check", action="store_true",
-                        help="change nothing; exit 1 if README differs from the rendering")
+                        help="change nothing; exit 1 if the docs differ from the rendering")
 
 
 _BUILDERS: dict[str, Callable[[_Parser], None]] = {
@@ -185,7 +186,7 @@ _BUILDERS: dict[str, Callable[[_Parser], None]] = {
     "run": _run_parser,
     "plot": _plot_parser,
     "bench": add_bench_arguments,  # experiments/bench owns its options
-    "readme": _readme_parser,
+    "docs": _docs_parser,
 }
 
 
@@ -398,10 +399,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"report: {report.write_report(args.dir)}")
         return 0
-    if args.command == "readme":
-        from . import readme
+    if args.command == "docs":
+        _require_extras(parser, "experiments")
+        from . import docs
 
-        return readme.main(check=args.check)
+        return docs.main(check=args.check)
     return _run(parser, args, argv)
 
 

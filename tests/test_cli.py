@@ -33,7 +33,7 @@ VALUES = {
     "--process-id": ["1", "--coordinator", "localhost:1234", "--num-processes", "2"],
 }
 POSITIONALS = {"list": [], "run": ["convergence"], "plot": ["somewhere"], "bench": [],
-               "readme": []}
+               "docs": []}
 
 
 def _options(parser: argparse.ArgumentParser) -> set[str]:
