@@ -12,5 +12,6 @@ documents the command line. The pieces, each usable on its own:
 - :mod:`experiments.verdict`: the rule that turns per-seed numbers into a verdict;
 - :mod:`experiments.suite`: claims run into one directory, ``results.json`` with provenance;
 - :mod:`experiments.report`: ``results.json`` → plots and ``report.md``;
-- :mod:`experiments.readme`: README's results section from ``experiments/reference/``.
+- :mod:`experiments.docs`: the docs' results, bench tables and figures from
+  ``experiments/reference/``.
 """

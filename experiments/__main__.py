@@ -40,7 +40,7 @@ MAX_DEVICES = 256
 # already 0.2 standard deviations wide.
 MAX_SEEDS = 100
 COORDINATOR_TIMEOUT = 60  # seconds for every process to join; --coordinator-timeout
-COMMANDS = ("list", "run", "plot", "bench", "readme")
+COMMANDS = ("list", "run", "plot", "bench", "docs")
 # The options that define a run's results: --resume takes them from the run it continues.
 RUN_OPTIONS = ("claims", "full", "seeds", "dataset", "devices", "budget", "tensorboard",
                "num_processes")
@@ -61,7 +61,7 @@ Put the seed articles' claims about batch normalization to a measured test.
   python -m experiments run CLAIM...    some claims (quick mode unless --full)
   python -m experiments plot DIR        remake the figures and report.md from DIR/results.json
   python -m experiments bench           jaxbn vs flax layer timings, HLO passes, collectives
-  python -m experiments readme          rewrite README's results from experiments/reference/
+  python -m experiments docs            rewrite the docs' results, bench tables and figures
 
 The options below may stand before or after the command (`python -m experiments --full run
 convergence` = `python -m experiments run convergence --full`); `COMMAND --help` lists a
@@ -203,12 +203,13 @@ def _plot_parser(parser: _Parser) -> None:
     parser.add_argument("dir", type=_directory, metavar="DIR")
 
 
-def _readme_parser(parser: _Parser) -> None:
+def _docs_parser(parser: _Parser) -> None:
     parser.description = (
-        "Rewrite README.md's results section from experiments/reference/*/results.json."
+        "Rewrite the results and bench sections of docs/ and the figures in docs/figures/ "
+        "from experiments/reference/."
     )
     parser.add_argument("--check", action="store_true",
-                        help="change nothing; exit 1 if README differs from the rendering")
+                        help="change nothing; exit 1 if the docs differ from the rendering")
 
 
 _BUILDERS: dict[str, Callable[[_Parser], None]] = {
@@ -216,7 +217,7 @@ _BUILDERS: dict[str, Callable[[_Parser], None]] = {
     "run": _run_parser,
     "plot": _plot_parser,
     "bench": add_bench_arguments,  # experiments/bench owns its options
-    "readme": _readme_parser,
+    "docs": _docs_parser,
 }
 
 
@@ -599,10 +600,11 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             parser.error(f"argument DIR: {error}")
         return 0
-    if args.command == "readme":
-        from . import readme
+    if args.command == "docs":
+        _require_extras(parser, "experiments")
+        from . import docs
 
-        return readme.main(check=args.check)
+        return docs.main(check=args.check)
     return _run(parser, args, argv)
 
 

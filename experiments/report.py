@@ -186,7 +186,8 @@ def claim_table(claim_id: str, entry: dict[str, Any]) -> str | None:
     return None if table is None else table(entry)
 
 
-def plot_claim(entry: dict[str, Any], path: str) -> None:
+def plot_claim(entry: dict[str, Any], path: str, *, dpi: int = 110) -> None:
+    """Draws the claim's figure from its results ``entry`` into the PNG ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,7 +199,7 @@ def plot_claim(entry: dict[str, Any], path: str) -> None:
     try:
         load_claim(entry["id"]).plot(entry, fig)
         fig.suptitle(f"{entry['id']}: {entry['verdict']}", fontsize=10)
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=dpi)
     finally:
         plt.close(fig)
 

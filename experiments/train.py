@@ -20,9 +20,10 @@ Evaluation uses the running statistics (``train=False``) on the whole test set a
 a second time with *recalibrated* statistics (PreciseBN, Wu & Johnson 2021): the current
 weights run K training-mode forwards of ``batch_size`` training examples each (drawn as
 training draws them, from a key of their own, the same K batches at every evaluation) with
-every batch norm's momentum forced to 0 (``flax.linen.intercept_methods``, as in the README),
-and ``jaxbn.recalibration_update`` pools the K batches' statistics exactly; those metrics get
-the suffix ``_recalibrated``. The training state itself keeps its running statistics.
+every batch norm's momentum forced to 0 (``flax.linen.intercept_methods``, as in
+docs/recalibration-folding.md), and ``jaxbn.recalibration_update`` pools the K batches'
+statistics exactly; those metrics get the suffix ``_recalibrated``. The training state
+itself keeps its running statistics.
 
 With ``devices > 1`` the step runs under ``jax.shard_map`` over a ``"data"`` mesh axis: each
 device holds ``batch_size / devices`` examples, gradients are averaged with ``pmean``, and BN
@@ -220,7 +221,7 @@ def _standard_promotion(function: Callable) -> Callable:
 
 def _momentum_zero(next_fun, args, kwargs, context):
     """Interceptor: every batch norm runs with momentum 0 (its new running statistics are
-    the batch's own), on the same variables; the README's recalibration recipe."""
+    the batch's own), on the same variables; the recipe of docs/recalibration-folding.md."""
     module = context.module
     if (
         isinstance(module, jaxbn.linen.BatchNorm | nn.BatchNorm)

@@ -444,7 +444,7 @@ def recalibrate(
       ``flax.linen.intercept_methods`` with an interceptor that calls each batch-norm module
       as ``module.clone(parent=module.scope, momentum=0.0)`` (same variables, momentum 0),
       and return ``updates["batch_stats"]``; store the result back as
-      ``variables["batch_stats"]``. See the README for the code.
+      ``variables["batch_stats"]``. docs/recalibration-folding.md has the code.
     - flax nnx: ``nnx.clone`` the model, set ``momentum = 0.0`` on every batch-norm module
       of the copy (``nnx.iter_modules``), ``.train()`` it, and return
       ``nnx.to_pure_dict(nnx.state(copy, nnx.BatchStat))``; write the result back with

@@ -312,11 +312,15 @@ def test_the_benchmark_runs_at_toy_size(tmp_path, capsys, monkeypatch):
             resnet=TOY_RESNET,
             folding={"batch": 2, "size": 4, "channels": (4, 8)},
             compile_processes=1,
+            command="python -m experiments bench --toy",
         )
     printed = capsys.readouterr().out
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved == json.loads(json.dumps(results))
     assert (tmp_path / "bench.png").stat().st_size > 0
+    assert saved["meta"]["command"] == "python -m experiments bench --toy"
+    assert saved["meta"]["jax_version"] == jax.__version__
+    assert len(saved["meta"]["load_average"]) == 2
     assert [row["shape"] for row in saved["layers"]] == ["toy", "toy NCHW bf16"]
     for row in saved["layers"]:
         for mode in bench.MODES:

@@ -48,7 +48,7 @@ VALUES = {
     "--coordinator-timeout": ["5"],
 }
 POSITIONALS = {"list": [], "run": ["convergence"], "plot": ["somewhere"], "bench": [],
-               "readme": []}
+               "docs": []}
 
 
 def _options(parser: argparse.ArgumentParser) -> set[str]:

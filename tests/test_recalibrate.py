@@ -186,7 +186,7 @@ def test_counts_as_a_tree_per_layer():
 
 
 # ----------------------------------------------------------------------------------------------
-# flax linen: the interceptor recipe of the README
+# flax linen: the interceptor recipe of docs/recalibration-folding.md
 # ----------------------------------------------------------------------------------------------
 
 
@@ -250,7 +250,7 @@ def test_linen_cnn_recipe():
 
 
 # ----------------------------------------------------------------------------------------------
-# flax nnx: the copy-with-momentum-0 recipe of the README
+# flax nnx: the copy-with-momentum-0 recipe of docs/recalibration-folding.md
 # ----------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """``jaxbn.batch_norm`` against PyTorch's CPU batch norm (``torch.nn.functional.batch_norm``).
 
-Conventions being converted (README's table):
+Conventions being converted (the table in docs/pure-function.md):
 - momentum: torch keeps ``(1 - m) * old + m * batch``; jaxbn keeps ``m' * old + (1 - m') * batch``,
   so torch's ``m`` is jaxbn's ``m' = 1 - m`` (torch 0.1 == jaxbn 0.9);
 - running variance: torch's EMA takes the *unbiased* batch variance (divide by n - 1), jaxbn's

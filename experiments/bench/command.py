@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 from typing import Any
 
 from . import report
@@ -68,13 +69,15 @@ def run_from_args(args: argparse.Namespace) -> int:
     resnet = {key: value for key, value in
               (("batch", args.resnet_batch), ("size", args.resnet_size)) if value is not None}
     run_bench(quick=args.quick, out=args.out, processes=args.processes,
-              compile_processes=args.compile_processes, resnet=resnet)
+              compile_processes=args.compile_processes, resnet=resnet,
+              command=" ".join(["python -m experiments", *sys.argv[1:]]))
     return 0
 
 
 def run_bench(
     quick: bool = False,
     out: str | os.PathLike[str] | None = None,
+    command: str | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Measures (:func:`measure`), prints the tables, writes ``bench.json`` and ``bench.png``.
@@ -82,12 +85,21 @@ def run_bench(
     Args:
       quick: fewer shapes and rounds.
       out: the output directory; None writes nothing.
+      command: the command line, recorded in the results' ``meta``.
       **options: :func:`measure`'s keyword arguments.
 
     Returns:
-      The results, as written to ``bench.json``.
+      The results, as written to ``bench.json``; their ``meta`` holds the command, the
+      provenance of :func:`experiments.suite.provenance` (commit, date, machine, versions)
+      and the machine's 1-minute load average before and after, since other jobs on the
+      machine move the timings.
     """
+    load_before = os.getloadavg()[0]
     results = measure(quick, **options)
+    from ..suite import provenance  # imports jax: only once every measurement is done
+
+    results["meta"] = {"command": command, **provenance(),
+                       "load_average": [load_before, os.getloadavg()[0]]}
     report.print_report(results)
     if out is not None:
         report.write_results(results, out)

@@ -10,7 +10,8 @@ A claim module defines:
   ``results.json`` (built with :func:`entry`);
 - ``plot(entry, fig)``: draws its figure from that entry alone, so plots can be remade from
   ``results.json`` without re-running (``python -m experiments plot DIR``);
-- optionally ``report_table(entry) -> str``: a markdown table for report.md (and README).
+- optionally ``report_table(entry) -> str``: a markdown table for report.md (and
+  docs/experiments.md).
 
 Its docstring gives the command, the runtime on 2 CPU cores and the expected result.
 """

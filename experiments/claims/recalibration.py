@@ -17,12 +17,12 @@ batches: noisy, biased per-batch variances). After training, every run is evalua
 the test set with the same weights: with its EMA running statistics, and with statistics
 recalibrated over K = 1024 // batch training batches of the training batch size (about 1,000
 examples): a training-mode forward with every BN's momentum forced to 0
-(``flax.linen.intercept_methods``, the README's recipe) gives each batch's statistics and
-``jaxbn.recalibration_update`` pools them exactly (see experiments/train.py). Metric: final
-test accuracy. The verdict, stated before running, is on the primary arm, batch 60 and
-momentum 0.999: recalibrated (treatment) vs EMA (reference) by the shared rule. The other
-arms get the same rule applied to their numbers, reported as ``per_arm`` in results.json,
-not as the claim's verdict.
+(``flax.linen.intercept_methods``, the recipe of docs/recalibration-folding.md) gives each
+batch's statistics and ``jaxbn.recalibration_update`` pools them exactly (see
+experiments/train.py). Metric: final test accuracy. The verdict, stated before running, is
+on the primary arm, batch 60 and momentum 0.999: recalibrated (treatment) vs EMA (reference)
+by the shared rule. The other arms get the same rule applied to their numbers, reported as
+``per_arm`` in results.json, not as the claim's verdict.
 
 BN's momentum only changes the running statistics, never the training step, so the three
 batch-60 arms train the same weights: their recalibrated accuracies are identical and only
