@@ -292,8 +292,9 @@ def convert_batch_norm(model: Any, **overrides: Any) -> Any:
         itself a ``flax.nnx.BatchNorm`` is replaced by the return value.
       **overrides: fields of :class:`BatchNorm` set on every layer: ``axis_name``,
         ``axis_index_groups``, ``momentum``, ``epsilon``, ``use_running_average``,
-        ``virtual_batch_size``, ``debias`` (adds a ``count`` BatchStat at 0: the next
-        training batch replaces the running statistics), ``unbiased_running_var``,
+        ``virtual_batch_size``, ``debias`` (adds a ``count`` BatchStat at 0, one per
+        layer stacked along the leading axes: the next training batch replaces the
+        running statistics), ``unbiased_running_var``,
         ``use_renorm``, ``r_max``, ``d_max``, ``axis``, ``dtype``, ``promote_dtype``,
         ``use_fast_variance``.
 
@@ -382,7 +383,9 @@ def _set_fields(layer: BatchNorm, overrides: Mapping[str, Any]) -> None:
     for name, value in overrides.items():
         setattr(layer, name, value)
     if layer.debias and layer.count is None:
-        layer.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
+        # One count per layer: a layer stacked by nnx.vmap (leading axes) gets one for each.
+        stacked = layer.mean.shape[:-1]
+        layer.count = nnx.BatchStat(jnp.zeros(stacked, jnp.int32))
     elif not layer.debias and layer.count is not None:
         layer.count = nnx.data(None)
 
