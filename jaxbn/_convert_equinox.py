@@ -12,12 +12,18 @@ Invariants (tests/test_convert_equinox.py):
   equinox's ``1-m`` to float precision.
 - ``to_equinox`` is its inverse: equinox's inference on the result uses these statistics
   (up to one rounding of ``hidden = stat * (1 - momentum**count)``).
+- ``hidden_layer`` finds a layer the pytree does not reach, so conversion never leaves one
+  of equinox's running unseen.
 - ``rebuilt_state`` keeps every other entry of the State (its arrays and its order) and
   puts each converted layer's entries where its old ones were.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import types
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -31,6 +37,7 @@ from ._state import BatchStats
 __all__ = [
     "PLAIN_EMA_COUNT",
     "from_equinox",
+    "hidden_layer",
     "index_like",
     "path_string",
     "rebuilt_state",
@@ -120,6 +127,50 @@ def rebuilt_state(
     return eqx.nn.State.tree_unflatten(
         tuple(k for k, _ in entries), tuple(v for _, v in entries)
     )
+
+
+def hidden_layer(model: Any, classes: tuple[type, ...]) -> tuple[Any, ...] | None:
+    """The path of a layer of ``classes`` that ``model``'s pytree does not reach (in a
+    static field, or in a ``functools.partial`` or a closure among its leaves), or None."""
+    seen: set[int] = set()
+
+    def find(node: Any, path: tuple[Any, ...], hidden: bool) -> tuple[Any, ...] | None:
+        if isinstance(node, classes):
+            return path if hidden else None
+        if id(node) in seen:
+            return None
+        seen.add(id(node))
+        children: list[tuple[Any, Any, bool]] = []
+        if isinstance(node, eqx.Module):
+            children = [
+                (jax.tree_util.GetAttrKey(f.name), getattr(node, f.name, None),
+                 hidden or bool(f.metadata.get("static", False)))
+                for f in dataclasses.fields(node)
+            ]
+        elif isinstance(node, (list, tuple)):
+            children = [(jax.tree_util.SequenceKey(i), v, hidden) for i, v in enumerate(node)]
+        elif isinstance(node, dict):
+            children = [(jax.tree_util.DictKey(k), v, hidden) for k, v in node.items()]
+        elif isinstance(node, functools.partial):
+            inside = [node.func, *node.args, *node.keywords.values()]
+            children = [(jax.tree_util.GetAttrKey("<partial>"), v, True) for v in inside]
+        elif isinstance(node, types.FunctionType) and node.__closure__:
+            key = jax.tree_util.GetAttrKey("<closure>")
+            children = [(key, v, True) for v in _cell_contents(node.__closure__)]
+        for key, child, child_hidden in children:
+            if (found := find(child, (*path, key), child_hidden)) is not None:
+                return found
+        return None
+
+    return find(model, (), False)
+
+
+def _cell_contents(cells: tuple[Any, ...]) -> list[Any]:
+    contents = []
+    for cell in cells:
+        with contextlib.suppress(ValueError):  # a closure variable not assigned yet
+            contents.append(cell.cell_contents)
+    return contents
 
 
 def path_string(path: tuple[Any, ...]) -> str:

@@ -24,6 +24,7 @@ from ._batch_norm import batch_norm
 from ._checks import AxisName, check_bool, check_momentum
 from ._convert_equinox import (
     from_equinox,
+    hidden_layer,
     index_like,
     path_string,
     rebuilt_state,
@@ -372,8 +373,8 @@ def convert_batch_norm(
 
     Args:
       model: any pytree holding ``eqx.nn.BatchNorm`` layers (``eqx.nn.Sequential``, a
-        Module, a list...); the layers must be reachable as pytree nodes (not inside a
-        static field or a closure).
+        Module, a list...); the layers must be pytree nodes of it (not in a static field,
+        a ``functools.partial`` or a closure).
       state: the ``eqx.nn.State`` of ``model``.
       **overrides: fields of :class:`BatchNorm` set on every layer: ``axis_name``, ``eps``,
         ``momentum`` (None: a cumulative average), ``inference``, ``mode``.
@@ -385,6 +386,8 @@ def convert_batch_norm(
       TypeError: an override that is not a settable field of :class:`BatchNorm`, or a
         subclass of ``eqx.nn.BatchNorm`` in the model (converting it would drop what the
         subclass adds).
+        A BatchNorm the model's pytree does not reach (in a static field, a
+        ``functools.partial`` or a closure) is a TypeError too.
       ValueError: no BatchNorm in the model, a layer whose statistics ``state`` does not
         hold, or a field or override that :class:`BatchNorm` rejects (e.g. ``eps=0``).
     """
@@ -538,6 +541,13 @@ def _map_layers(
                 f"since what a subclass adds would be lost. Swap that layer by hand "
                 f"(eqx.tree_at), or build it from {_qualified(base)}."
             )
+    if (hidden := hidden_layer(model, classes)) is not None:
+        raise TypeError(
+            f"{path_string(hidden)} is a BatchNorm that {verb}_batch_norm cannot reach: it is "
+            f"in a static field, a functools.partial or a closure, which are not pytree nodes "
+            f"of the model, so it cannot be swapped. Keep the layer in a regular field of a "
+            f"Module (or a list, tuple or dict in one)."
+        )
     if not found:
         raise ValueError(
             f"`model` ({type(model).__name__}) holds no {_qualified(classes[0])} to {verb}: "

@@ -359,3 +359,23 @@ def test_reverted_model_predicts_as_the_converted_one_and_equinox_trains_it():
     stats = our_state.get(ours.norm.state_index)
     np.testing.assert_allclose(stats.mean, mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(stats.var, var, rtol=1e-5)
+
+
+def test_a_layer_the_pytree_does_not_reach_is_an_error():
+    """A BatchNorm in a static field or a closure cannot be swapped: an error, not a layer
+    silently left running equinox's code."""
+
+    class Static(eqx.Module):
+        norm: eqx.nn.BatchNorm
+        frozen: eqx.nn.BatchNorm = eqx.field(static=True)
+
+    model, state = make("batch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # equinox warns about a Module in a static field
+        static = Static(model.norm, model.norm)
+    with pytest.raises(TypeError, match=r"model\.frozen is a BatchNorm that convert_batch_norm "
+                                        r"cannot reach: it is in a static field"):
+        convert_batch_norm(static, state)
+    layer = model.norm
+    with pytest.raises(TypeError, match=r"model\[1\]\.<closure> is a BatchNorm"):
+        convert_batch_norm([model, lambda x, s: layer(x, s)], state)
