@@ -51,10 +51,12 @@ __all__ = [
 PLAIN_EMA_COUNT = 2**30
 
 
-def _debias_scale(counter: jax.Array, momentum: float) -> jax.Array:
-    """equinox's ``"batch"`` mode inference divisor, by equinox's own expression."""
+def _debias_scale(counter: jax.Array, momentum: float, like: jax.Array) -> jax.Array:
+    """equinox's ``"batch"`` mode inference divisor, by equinox's own expression, shaped to
+    divide ``like`` (one per layer of a stack of layers made with ``eqx.filter_vmap``)."""
     with jax.numpy_dtype_promotion("standard"):
-        return jnp.where(counter == 0, 1, 1 - momentum**counter)
+        scale = jnp.where(counter == 0, 1, 1 - momentum**counter)
+    return scale.reshape(scale.shape + (1,) * (jnp.ndim(like) - scale.ndim))
 
 
 def from_equinox(layer: eqx.nn.BatchNorm, read: Any) -> BatchStats:
@@ -63,7 +65,7 @@ def from_equinox(layer: eqx.nn.BatchNorm, read: Any) -> BatchStats:
     if layer.mode == "batch":
         counter = jnp.asarray(read(layer.batch_counter))
         hidden_mean, hidden_var = read(layer.batch_state_index)
-        scale = _debias_scale(counter, layer.momentum)
+        scale = _debias_scale(counter, layer.momentum, hidden_mean)
         with jax.numpy_dtype_promotion("standard"):
             mean, var = hidden_mean / scale, hidden_var / scale
         count = counter
@@ -89,7 +91,7 @@ def to_equinox(stats: BatchStats, mode: str, momentum: float, dtype: Any) -> tup
     if mode == "ema":
         return count == 0, (mean, var)
     counter = count.astype(jnp.asarray(0).dtype)  # equinox's counter: the default int
-    scale = _debias_scale(counter, momentum)
+    scale = _debias_scale(counter, momentum, mean)
     with jax.numpy_dtype_promotion("standard"):
         return counter, ((mean * scale).astype(dtype), (var * scale).astype(dtype))
 
