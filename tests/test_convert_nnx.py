@@ -378,13 +378,15 @@ def test_convert_then_revert_round_trips():
 
 
 def test_eval_after_conversion_and_after_revert_equals_flax():
-    """Trained 2 steps, then .eval(): the converted model predicts as flax's; reverted, it
-    predicts the same, and flax trains it with the converted layer's fields."""
+    """Trained 2 steps, then .eval() (nnx.view too): the converted model predicts as
+    flax's; reverted, it predicts the same, and flax trains it with the converted layer's
+    fields."""
     theirs, ours = sync_model(), convert_batch_norm(sync_model(), momentum=0.5)
     with standard():
         for i in range(2):
             call(theirs, data((16, 3), i))
             call(ours, data((16, 3), i))
+        assert nnx.view(ours, use_running_average=True).layers[1].use_running_average
         theirs.eval()
         ours.eval()
         x = data((16, 3), 9)
