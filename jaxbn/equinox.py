@@ -10,7 +10,7 @@ same ``weight``/``bias`` fields, and it works with ``eqx.nn.make_with_state``,
 from __future__ import annotations
 
 import numbers
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal
 
 import equinox as eqx
@@ -22,9 +22,19 @@ from jax.typing import ArrayLike, DTypeLike
 from ._adapter import output_dtype
 from ._batch_norm import batch_norm
 from ._checks import AxisName, check_bool, check_momentum
+from ._convert_equinox import (
+    from_equinox,
+    hidden_layer,
+    index_like,
+    path_string,
+    rebuilt_state,
+    renamed,
+    to_equinox,
+)
+from ._overrides import check_overrides
 from ._state import BatchStats, init
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "convert_batch_norm", "revert_batch_norm"]
 
 _MODES = ("batch", "ema", "legacy")
 
@@ -311,3 +321,243 @@ def _check_bound(axis_name: AxisName) -> None:
             f"with that axis name). Inference (eqx.nn.inference_mode, or inference=True) "
             f"needs no batch axis."
         ) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Converting the eqx.nn.BatchNorm layers of a model and its state, and back
+# ----------------------------------------------------------------------------------------------
+
+_SETTABLE = frozenset({"axis_name", "eps", "momentum", "inference", "mode"})
+_FIXED = {
+    "input_size": "it is the size of the model's `weight`, `bias` and statistics",
+    "channelwise_affine": "conversion keeps the model's `weight` and `bias` (or their absence)",
+    "dtype": "it is the dtype of the model's `weight` and `bias`, which conversion keeps",
+}
+
+
+def convert_batch_norm(
+    model: Any, state: eqx.nn.State, **overrides: Any
+) -> tuple[Any, eqx.nn.State]:
+    """Replaces every ``eqx.nn.BatchNorm`` of ``model`` by a :class:`BatchNorm`.
+
+    Each new layer has the same ``weight`` and ``bias`` arrays and fields (``axis_name``,
+    ``eps``, ``momentum``, ``inference``, ``mode``), then the ``overrides``. Its running
+    statistics in the returned state are the ones equinox's inference uses, so right after
+    conversion the model predicts exactly as before, in either equinox mode:
+
+    - ``"batch"``: equinox's debiased statistics ``hidden / (1 - momentum**counter)``, with
+      its counter: further training continues them as equinox would (jaxbn's debiased
+      EMA merges the next batch with the same weight). A layer that has not trained yet
+      starts from mean 0, variance 1 as in equinox, and its first batch then replaces
+      them (equinox adds ``momentum/(1-momentum)`` to that first variance).
+    - ``"ema"``: equinox's running statistics; once they have seen a batch, the next ones
+      are merged with weight ``1 - momentum`` as equinox does (the count is set to
+      ``2**30``, where the debiased weight equals it). Training batches are normalized
+      with their own statistics, as in :class:`BatchNorm` (equinox blends in the running
+      ones).
+
+    The state keeps every other entry (``SpectralNorm``'s, ...) as it is; the keys
+    ``make_with_state`` gave (``"Model.bn.batch_state_index"``) become the ones it gives
+    the same model built with :class:`BatchNorm` (``"Model.bn.state_index"``). A layer that
+    is already a :class:`BatchNorm` gets the overrides, so converting twice changes nothing.
+
+    Example::
+
+      >>> import equinox as eqx, jax, jaxbn.equinox
+      >>> model, state = eqx.nn.make_with_state(eqx.nn.Sequential)(
+      ...     [eqx.nn.Linear(2, 3, key=jax.random.key(0)),
+      ...      eqx.nn.BatchNorm(3, "batch", mode="batch")])
+      >>> model, state = jaxbn.equinox.convert_batch_norm(model, state, momentum=0.9)
+      >>> type(model.layers[1]).__name__, model.layers[1].momentum
+      ('BatchNorm', 0.9)
+
+    Args:
+      model: any pytree holding ``eqx.nn.BatchNorm`` layers (``eqx.nn.Sequential``, a
+        Module, a list...); the layers must be pytree nodes of it (not in a static field,
+        a ``functools.partial`` or a closure).
+      state: the ``eqx.nn.State`` of ``model``.
+      **overrides: fields of :class:`BatchNorm` set on every layer: ``axis_name``, ``eps``,
+        ``momentum`` (None: a cumulative average), ``inference``, ``mode``.
+
+    Returns:
+      ``(model, state)``: new ones; the arguments are left as they were.
+
+    Raises:
+      TypeError: an override that is not a settable field of :class:`BatchNorm`, or a
+        subclass of ``eqx.nn.BatchNorm`` in the model (converting it would drop what the
+        subclass adds).
+        A BatchNorm the model's pytree does not reach (in a static field, a
+        ``functools.partial`` or a closure) is a TypeError too.
+      ValueError: no BatchNorm in the model, a layer whose statistics ``state`` does not
+        hold, or a field or override that :class:`BatchNorm` rejects (e.g. ``eps=0``).
+    """
+    check_overrides(overrides, _SETTABLE, _FIXED, "jaxbn.equinox.BatchNorm")
+    replaced: dict[Hashable, list[tuple[Hashable, Any]]] = {}
+
+    def convert(path: tuple[Any, ...], layer: Any) -> Any:
+        if type(layer) is BatchNorm:
+            fields = {name: getattr(layer, name) for name in _SETTABLE}
+            new = _build(layer, fields | overrides, path)
+            return eqx.tree_at(lambda bn: bn.state_index, new, layer.state_index)
+        value_field, flag_field = _equinox_fields(layer.mode)
+        value, flag = getattr(layer, value_field), getattr(layer, flag_field)
+        stats = from_equinox(layer, _reader(state, path))
+        marker = renamed(value.marker, value_field, "state_index")
+        init = from_equinox(layer, lambda index: index.init) if _keeps_init(value) else stats
+        replaced[value.marker] = [(marker, stats)]
+        replaced[flag.marker] = []
+        fields = {name: getattr(layer, name) for name in _SETTABLE}
+        new = _build(layer, fields | overrides, path)
+        return eqx.tree_at(lambda bn: bn.state_index, new, index_like(value, marker, init))
+
+    model = _map_layers(model, (eqx.nn.BatchNorm, BatchNorm), "convert", convert)
+    return model, rebuilt_state(state, replaced)
+
+
+def revert_batch_norm(model: Any, state: eqx.nn.State) -> tuple[Any, eqx.nn.State]:
+    """Replaces every :class:`BatchNorm` of ``model`` by an ``eqx.nn.BatchNorm``.
+
+    The inverse of :func:`convert_batch_norm`: each equinox layer has the same ``weight``
+    and ``bias`` arrays and fields, in the layer's ``mode``, and its state holds the
+    running statistics in equinox's form (in ``"batch"`` mode the debiasing undone:
+    ``hidden = stat * (1 - momentum**count)``, with the count as equinox's counter), so
+    its inference outputs equal the jaxbn model's and equinox trains it from there. The
+    state keeps every other entry as it is.
+
+    Args:
+      model: any pytree holding :class:`BatchNorm` layers.
+      state: the ``eqx.nn.State`` of ``model``.
+
+    Returns:
+      ``(model, state)``: new ones; the arguments are left as they were.
+
+    Raises:
+      TypeError: a subclass of :class:`BatchNorm` in the model.
+      ValueError: no :class:`BatchNorm` in the model, a layer whose statistics ``state``
+        does not hold, or a layer with ``momentum=None`` (equinox has no cumulative
+        average).
+    """
+    replaced: dict[Hashable, list[tuple[Hashable, Any]]] = {}
+
+    def revert(path: tuple[Any, ...], layer: BatchNorm) -> eqx.nn.BatchNorm:
+        if layer.momentum is None:
+            raise ValueError(
+                f"{path_string(path)} has `momentum`=None (a cumulative average), which "
+                f"eqx.nn.BatchNorm does not offer: set a float first, e.g. "
+                f"convert_batch_norm(model, state, momentum=0.99), then revert."
+            )
+        stats = _reader(state, path)(layer.state_index)
+        dtype = stats.var.dtype if layer.weight is None else layer.weight.dtype
+        new = eqx.nn.BatchNorm(
+            layer.input_size, layer.axis_name, layer.eps, layer.channelwise_affine,
+            layer.momentum, layer.inference, dtype, layer.mode,
+        )
+        if layer.weight is not None:
+            new = eqx.tree_at(lambda bn: (bn.weight, bn.bias), new, (layer.weight, layer.bias))
+        index = layer.state_index
+        flag, values = to_equinox(stats, layer.mode, layer.momentum, dtype)
+        init_flag, init_values = flag, values
+        if isinstance(index.init, BatchStats):  # make_with_state deletes it
+            init_flag, init_values = to_equinox(index.init, layer.mode, layer.momentum, dtype)
+        value_field, flag_field = _equinox_fields(layer.mode)
+        value_marker = renamed(index.marker, "state_index", value_field)
+        flag_marker = renamed(index.marker, "state_index", flag_field)
+        if flag_marker == value_marker:  # a key that is not make_with_state's path
+            flag_marker = object()
+        replaced[index.marker] = [(flag_marker, flag), (value_marker, values)]
+        return eqx.tree_at(
+            lambda bn: (getattr(bn, flag_field), getattr(bn, value_field)),
+            new,
+            (
+                index_like(index, flag_marker, init_flag),
+                index_like(index, value_marker, init_values),
+            ),
+        )
+
+    model = _map_layers(model, (BatchNorm,), "revert", revert)
+    return model, rebuilt_state(state, replaced)
+
+
+def _equinox_fields(mode: str) -> tuple[str, str]:
+    """The fields of eqx.nn.BatchNorm holding its statistics and its flag in ``mode``."""
+    if mode == "batch":
+        return "batch_state_index", "batch_counter"
+    return "ema_state_index", "ema_first_time_index"
+
+
+def _keeps_init(index: eqx.nn.StateIndex) -> bool:
+    """Whether ``index`` still keeps its initial value (``make_with_state`` deletes it)."""
+    return bool(jax.tree.leaves(index.init))
+
+
+def _reader(state: eqx.nn.State, path: tuple[Any, ...]) -> Callable[[Any], Any]:
+    def read(index: eqx.nn.StateIndex) -> Any:
+        try:
+            return state.get(index)
+        except KeyError:
+            raise ValueError(
+                f"`state` holds no running statistics for the BatchNorm at "
+                f"{path_string(path)} (key {index.marker!r}): pass the state made with this "
+                f"model, as in model, state = eqx.nn.make_with_state(Model)(...)."
+            ) from None
+
+    return read
+
+
+def _build(layer: Any, fields: dict[str, Any], path: tuple[Any, ...]) -> BatchNorm:
+    """A :class:`BatchNorm` with ``fields`` and ``layer``'s ``weight`` and ``bias``; an
+    error from its checks names the layer's path."""
+    try:
+        new = BatchNorm(
+            layer.input_size,
+            channelwise_affine=layer.channelwise_affine,
+            dtype=None if layer.weight is None else layer.weight.dtype,
+            **fields,
+        )
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"Cannot convert the BatchNorm at {path_string(path)}: {err}") from None
+    if layer.weight is not None:
+        new = eqx.tree_at(lambda bn: (bn.weight, bn.bias), new, (layer.weight, layer.bias))
+    return new
+
+
+def _map_layers(
+    model: Any, classes: tuple[type, ...], verb: str, swap: Callable[[Any, Any], Any]
+) -> Any:
+    """``model`` with ``swap(path, layer)`` in place of each layer of these classes; a
+    subclass of one of them, or no layer at all, is an error before anything is swapped."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(
+        model, is_leaf=lambda node: isinstance(node, classes)
+    )
+    found = 0
+    for path, leaf in leaves:
+        if type(leaf) in classes:
+            found += 1
+        elif isinstance(leaf, classes):
+            base = next(c for c in classes if isinstance(leaf, c))
+            raise TypeError(
+                f"{path_string(path)} is a {type(leaf).__name__}, a subclass of "
+                f"{_qualified(base)}: {verb}_batch_norm only swaps {_qualified(base)} itself, "
+                f"since what a subclass adds would be lost. Swap that layer by hand "
+                f"(eqx.tree_at), or build it from {_qualified(base)}."
+            )
+    if (hidden := hidden_layer(model, classes)) is not None:
+        raise TypeError(
+            f"{path_string(hidden)} is a BatchNorm that {verb}_batch_norm cannot reach: it is "
+            f"in a static field, a functools.partial or a closure, which are not pytree nodes "
+            f"of the model, so it cannot be swapped. Keep the layer in a regular field of a "
+            f"Module (or a list, tuple or dict in one)."
+        )
+    if not found:
+        raise ValueError(
+            f"`model` ({type(model).__name__}) holds no {_qualified(classes[0])} to {verb}: "
+            f"{verb}_batch_norm looks through the model's pytree (Modules, eqx.nn.Sequential, "
+            f"lists, tuples, dicts), not static fields or closures."
+        )
+    return jax.tree_util.tree_unflatten(
+        treedef, [swap(path, leaf) if type(leaf) in classes else leaf for path, leaf in leaves]
+    )
+
+
+def _qualified(cls: type) -> str:
+    return "eqx.nn.BatchNorm" if cls is eqx.nn.BatchNorm else "jaxbn.equinox.BatchNorm"

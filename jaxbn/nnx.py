@@ -25,9 +25,11 @@ from ._adapter import (
     output_dtype,
     stored,
 )
+from ._convert_nnx import copy_attributes, path_string, swap_layers
 from ._dtypes import wider_float
+from ._overrides import check_overrides
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "convert_batch_norm", "revert_batch_norm"]
 
 _ZEROS = initializers.zeros_init()
 _ONES = initializers.ones_init()
@@ -229,3 +231,178 @@ class BatchNorm(nnx.Module):
         """Used by ``nnx.view``: sets ``use_running_average`` if given."""
         if use_running_average is not None:
             self.use_running_average = use_running_average
+
+
+# ----------------------------------------------------------------------------------------------
+# Converting the flax.nnx.BatchNorm layers of a model, and back
+# ----------------------------------------------------------------------------------------------
+
+# The fields of BatchNorm that convert_batch_norm may set on every converted layer.
+_SETTABLE = frozenset({
+    "use_running_average", "axis", "momentum", "epsilon", "dtype", "axis_name",
+    "axis_index_groups", "use_fast_variance", "promote_dtype", "virtual_batch_size", "debias",
+    "unbiased_running_var", "use_renorm", "r_max", "d_max",
+})
+_KEPT = "conversion keeps the model's Variables, and this decides which Variables there are"
+_INIT_ONLY = "it is only used to create Variables, and conversion keeps the model's"
+_FIXED = {
+    "num_features": "it is the size of the model's Variables",
+    "use_bias": _KEPT,
+    "use_scale": _KEPT,
+    "param_dtype": "it is the dtype of the model's Params, which conversion keeps",
+    "bias_init": _INIT_ONLY,
+    "scale_init": _INIT_ONLY,
+    "bias_metadata": _INIT_ONLY,
+    "scale_metadata": _INIT_ONLY,
+    "rngs": _INIT_ONLY,
+}
+# jaxbn's own fields (and the Variable `count`), which flax.nnx.BatchNorm does not have.
+_JAXBN_ONLY = frozenset({
+    "count", "virtual_batch_size", "debias", "unbiased_running_var", "use_renorm", "r_max",
+    "d_max",
+})
+
+
+def convert_batch_norm(model: Any, **overrides: Any) -> Any:
+    """Replaces every ``flax.nnx.BatchNorm`` of ``model`` by a :class:`BatchNorm`, in place.
+
+    Each new layer holds the *same* Variable objects (``mean``, ``var``, ``scale``,
+    ``bias``) and every field of the old one (``use_running_average`` included), then the
+    ``overrides``. ``nnx.state(model)`` keeps its paths, types and values (unless
+    ``debias=True`` adds each layer's ``count``), so checkpoints and an ``nnx.Optimizer``
+    made before the conversion keep working. The swap is made in the model's own
+    attributes, ``nnx.List``, ``nnx.Dict``, ``nnx.Sequential`` and lists and dicts; a layer
+    shared by several parents stays one (new) object; layers stacked with ``nnx.vmap`` keep
+    their stacked Variables. Layers that are already :class:`BatchNorm` get the overrides, so
+    converting twice changes nothing.
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp, jaxbn.nnx
+      >>> from flax import nnx
+      >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
+      ...                        nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
+      >>> mean = model.layers[1].mean
+      >>> model = jaxbn.nnx.convert_batch_norm(model, momentum=0.9)
+      >>> type(model.layers[1]).__name__, model.layers[1].mean is mean
+      ('BatchNorm', True)
+
+    Args:
+      model: an nnx graph (a Module, or a list, dict or tuple of them); a model that is
+        itself a ``flax.nnx.BatchNorm`` is replaced by the return value.
+      **overrides: fields of :class:`BatchNorm` set on every layer: ``axis_name``,
+        ``axis_index_groups``, ``momentum``, ``epsilon``, ``use_running_average``,
+        ``virtual_batch_size``, ``debias`` (adds a ``count`` BatchStat at 0, one per
+        layer stacked along the leading axes: the next training batch replaces the
+        running statistics), ``unbiased_running_var``,
+        ``use_renorm``, ``r_max``, ``d_max``, ``axis``, ``dtype``, ``promote_dtype``,
+        ``use_fast_variance``.
+
+    Returns:
+      ``model``, changed in place; or the new layer when ``model`` is a BatchNorm.
+
+    Raises:
+      TypeError: an override that is not a settable field of :class:`BatchNorm`, or a
+        subclass of ``flax.nnx.BatchNorm`` in the model (converting it would drop what the
+        subclass adds).
+      ValueError: no BatchNorm in the model, or an override out of range.
+    """
+    check_overrides(overrides, _SETTABLE, _FIXED, "jaxbn.nnx.BatchNorm")
+    if not _count_layers(model, (nnx.BatchNorm, BatchNorm), "convert"):
+        raise ValueError(
+            f"`model` ({type(model).__name__}) holds no flax.nnx.BatchNorm to convert: "
+            f"convert_batch_norm looks through its attributes, nnx.List, nnx.Dict, "
+            f"nnx.Sequential, lists, tuples and dicts."
+        )
+
+    def swap(path: tuple[Any, ...], node: Any) -> Any:
+        if type(node) is nnx.BatchNorm:
+            return _to_jaxbn(node, overrides)
+        if type(node) is BatchNorm:
+            _set_fields(node, overrides)
+        return node
+
+    return swap_layers(model, swap)
+
+
+def revert_batch_norm(model: Any) -> Any:
+    """Replaces every :class:`BatchNorm` of ``model`` by a ``flax.nnx.BatchNorm``, in place.
+
+    The inverse of :func:`convert_batch_norm`: each ``flax.nnx.BatchNorm`` holds the same
+    Variable objects and flax's fields of the jaxbn layer (its current ``momentum``,
+    ``axis_name``, ...). jaxbn's own fields (ghost batches, ``debias`` and its ``count``,
+    ``unbiased_running_var``, renorm) have no flax equivalent and are dropped; the running
+    statistics are kept as they are, so the reverted model predicts as the converted one.
+
+    Args:
+      model: an nnx graph; a model that is itself a :class:`BatchNorm` is replaced by the
+        return value.
+
+    Returns:
+      ``model``, changed in place; or the new layer when ``model`` is a BatchNorm.
+
+    Raises:
+      TypeError: a subclass of :class:`BatchNorm` in the model.
+      ValueError: no :class:`BatchNorm` in the model.
+    """
+    if not _count_layers(model, (BatchNorm,), "revert"):
+        raise ValueError(
+            f"`model` ({type(model).__name__}) holds no jaxbn.nnx.BatchNorm to revert."
+        )
+
+    def swap(path: tuple[Any, ...], node: Any) -> Any:
+        return _to_flax(node) if type(node) is BatchNorm else node
+
+    return swap_layers(model, swap)
+
+
+def _to_jaxbn(layer: nnx.BatchNorm, overrides: Mapping[str, Any]) -> BatchNorm:
+    new = BatchNorm(
+        layer.num_features,
+        use_scale=layer.scale is not None,
+        use_bias=layer.bias is not None,
+        rngs=nnx.Rngs(0),  # the new Params are replaced by the layer's own right away
+    )
+    copy_attributes(layer, new, skip=frozenset())
+    _set_fields(new, overrides)
+    return new
+
+
+def _to_flax(layer: BatchNorm) -> nnx.BatchNorm:
+    new = nnx.BatchNorm(
+        layer.num_features,
+        use_scale=layer.scale is not None,
+        use_bias=layer.bias is not None,
+        rngs=nnx.Rngs(0),  # the new Params are replaced by the layer's own right away
+    )
+    copy_attributes(layer, new, skip=_JAXBN_ONLY)
+    return new
+
+
+def _set_fields(layer: BatchNorm, overrides: Mapping[str, Any]) -> None:
+    for name, value in overrides.items():
+        setattr(layer, name, value)
+    if layer.debias and layer.count is None:
+        # One count per layer: a layer stacked by nnx.vmap (leading axes) gets one for each.
+        stacked = layer.mean.shape[:-1]
+        layer.count = nnx.BatchStat(jnp.zeros(stacked, jnp.int32))
+    elif not layer.debias and layer.count is not None:
+        layer.count = nnx.data(None)
+
+
+def _count_layers(model: Any, classes: tuple[type, ...], verb: str) -> int:
+    """The number of layers of exactly these classes in ``model``, checked before anything
+    is swapped: a subclass of one of them is an error, and leaves the model as it was."""
+    found = 0
+    for path, node in nnx.iter_graph(model, graph=True):
+        if type(node) in classes:
+            found += 1
+        elif isinstance(node, classes):
+            base = next(c for c in classes if isinstance(node, c))
+            name = f"{base.__module__.split('.')[0]}.nnx.{base.__name__}"
+            raise TypeError(
+                f"{path_string(path)} is a {type(node).__name__}, a subclass of {name}: "
+                f"{verb}_batch_norm only swaps {name} itself, since what a subclass adds "
+                f"would be lost. Swap that layer by hand, or build it from {name}."
+            )
+    return found
