@@ -20,16 +20,17 @@ import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from . import data
+from . import data, peers  # neither imports jax at import time
 from .bench import add_arguments as add_bench_arguments  # imports no jax, as .claims
 from .bench import run_from_args as run_bench_from_args
 from .claims import CLAIM_IDS  # imports neither jax nor the extras: checks come first
 
 SYNC_DEVICES = 8
 COMMANDS = ("list", "run", "plot", "bench", "readme")
-# The options that define a run's results: --resume takes them from the run it continues.
+# The options that shape a run: --resume takes them from the run it continues, so it keeps
+# checkpointing as the run did (`checkpoint` is recorded as given or by the mode's default).
 RUN_OPTIONS = ("claims", "full", "seeds", "dataset", "devices", "budget", "tensorboard",
-               "num_processes")
+               "num_processes", "checkpoint")
 # The extras of pyproject.toml: the modules each one installs, by pip name
 # (tests/test_packaging.py checks that they agree).
 EXTRAS = {
@@ -296,8 +297,10 @@ def _resume_options(parser: _Parser, args: argparse.Namespace, argv: list[str]) 
     and may give ``--out`` only as DIR. Exits in one line otherwise."""
     try:
         with open(os.path.join(args.resume, "results.json")) as f:
-            recorded = json.load(f)["meta"]["options"]
-        recorded = {name: recorded[name] for name in RUN_OPTIONS}
+            options = json.load(f)["meta"]["options"]
+        recorded = {name: options[name] for name in RUN_OPTIONS if name != "checkpoint"}
+        # Recorded without `checkpoint`: the mode's default.
+        recorded["checkpoint"] = options.get("checkpoint", recorded["full"])
     except (OSError, ValueError, KeyError, TypeError):
         parser.error(f"argument --resume: expected a directory with a run to continue "
                      f"(DIR/results.json written by python -m experiments), got {args.resume!r}")
@@ -345,6 +348,10 @@ def _run(parser: _Parser, args: argparse.Namespace, argv: list[str]) -> int:
         _resume_options(parser, args, argv)
     extras = ("experiments", "tensorboard") if args.tensorboard else ("experiments",)
     _require_extras(parser, *extras)
+    if args.coordinator:  # before jax starts: a process other than 0 runs in a child
+        status = peers.supervise(argv, args.process_id, args.num_processes)
+        if status is not None:
+            return status
     sync_here = "sync" in args.claims and not args.coordinator  # several processes: as given
     needs = max(args.devices, SYNC_DEVICES) if sync_here else args.devices
     if needs > 1:  # with --coordinator, each process's own devices
@@ -353,16 +360,19 @@ def _run(parser: _Parser, args: argparse.Namespace, argv: list[str]) -> int:
 
     if args.coordinator:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts only
+        jax.config.update("jax_enable_recoverability", True)  # a lost process: see peers
         jax.distributed.initialize(coordinator_address=args.coordinator,
-                                   num_processes=args.num_processes, process_id=args.process_id)
+                                   num_processes=args.num_processes, process_id=args.process_id,
+                                   heartbeat_timeout_seconds=peers.HEARTBEAT_TIMEOUT_S)
     devices = jax.device_count() if args.coordinator else args.devices
     if devices > jax.device_count():
         parser.error(f"expected --devices <= the {jax.device_count()} devices jax sees, "
                      f"got {devices}")
-    checkpoint = args.full if args.checkpoint is None else args.checkpoint
+    if args.checkpoint is None:
+        args.checkpoint = args.full
     settings = Settings(quick=not args.full, seeds=args.seeds, dataset=args.dataset,
                         tensorboard=args.tensorboard, budget=args.budget, devices=devices,
-                        checkpoint=checkpoint, resume=bool(args.resume))
+                        checkpoint=args.checkpoint, resume=bool(args.resume))
     out = args.out or os.path.join("results", time.strftime("%Y%m%d-%H%M%S"))
     ctx = Context(settings=settings, out=out, show_progress=args.progress)
     try:
@@ -373,7 +383,12 @@ def _run(parser: _Parser, args: argparse.Namespace, argv: list[str]) -> int:
 
     options = {name: getattr(args, name) for name in RUN_OPTIONS}
     command = "python -m experiments " + shlex.join(argv)
-    if not suite.run_suite(args.claims, ctx, command=command, options=options):
+    if args.coordinator:
+        peers.watch(args.num_processes, out)
+    completed = suite.run_suite(args.claims, ctx, command=command, options=options)
+    if args.coordinator:  # a lost process ends this one here, in one line
+        peers.finish(args.num_processes, out)
+    if not completed:
         raise SystemExit(f"some claims failed; see {out}/report.md")
     return 0
 
