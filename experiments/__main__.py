@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from . import data, report  # neither imports jax
+from . import data, peers, report  # none imports jax at import time
 from .bench import add_arguments as add_bench_arguments  # imports no jax, as .claims
 from .bench import run_from_args as run_bench_from_args
 from .claims import CLAIM_IDS  # imports neither jax nor the extras: checks come first
@@ -41,9 +41,10 @@ MAX_DEVICES = 256
 MAX_SEEDS = 100
 COORDINATOR_TIMEOUT = 60  # seconds for every process to join; --coordinator-timeout
 COMMANDS = ("list", "run", "plot", "bench", "docs")
-# The options that define a run's results: --resume takes them from the run it continues.
+# The options that shape a run: --resume takes them from the run it continues, so it keeps
+# checkpointing as the run did (`checkpoint` is recorded as given or by the mode's default).
 RUN_OPTIONS = ("claims", "full", "seeds", "dataset", "devices", "budget", "tensorboard",
-               "num_processes")
+               "num_processes", "checkpoint")
 # The extras of pyproject.toml: the modules each one installs, by pip name
 # (tests/test_packaging.py checks that they agree).
 EXTRAS = {
@@ -381,9 +382,12 @@ def _recorded_options(options: Any) -> dict[str, Any]:
                          f"{json.dumps(options)}")
     checker, recorded = _Checker(), {}
     for name in RUN_OPTIONS:
-        if name not in options:
+        if name == "checkpoint" and name not in options:  # recorded before it was an option
+            value = options.get("full")
+        elif name not in options:
             raise ValueError(f"meta.options.{name}: expected a value, got none")
-        value = options[name]
+        else:
+            value = options[name]
         try:
             parsed = vars(checker.parse_args(_recorded_words(name, value)))[name]
         except _Refusal as refusal:
@@ -518,10 +522,12 @@ def _join(parser: _Parser, args: argparse.Namespace, deadline: float) -> None:
     watchdog.start()
     try:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts only
+        jax.config.update("jax_enable_recoverability", True)  # a lost process: see peers
         jax.distributed.initialize(coordinator_address=address,
                                    num_processes=args.num_processes,
                                    process_id=args.process_id,
-                                   initialization_timeout=timeout + 60)  # the watchdog first
+                                   initialization_timeout=timeout + 60,  # the watchdog first
+                                   heartbeat_timeout_seconds=peers.HEARTBEAT_TIMEOUT_S)
     finally:
         watchdog.cancel()
 
@@ -548,6 +554,10 @@ def _run(parser: _Parser, args: argparse.Namespace, argv: list[str]) -> int:
     _check_output(parser, "--resume" if args.resume is not None else "--out", out)
     extras = ("experiments", "tensorboard") if args.tensorboard else ("experiments",)
     _require_extras(parser, *extras)
+    if args.coordinator:  # before jax starts: a process other than 0 runs in a child
+        status = peers.supervise(argv, args.process_id, args.num_processes)
+        if status is not None:
+            return status
     sync_here = "sync" in args.claims and not args.coordinator  # several processes: as given
     needs = max(args.devices, SYNC_DEVICES) if sync_here else args.devices
     deadline = _wait_for_coordinator(parser, args) if args.coordinator else 0.0  # before jax
@@ -561,10 +571,11 @@ def _run(parser: _Parser, args: argparse.Namespace, argv: list[str]) -> int:
     if devices > jax.device_count():
         parser.error(f"expected --devices <= the {jax.device_count()} devices jax sees, "
                      f"got {devices}")
-    checkpoint = args.full if args.checkpoint is None else args.checkpoint
+    if args.checkpoint is None:
+        args.checkpoint = args.full
     settings = Settings(quick=not args.full, seeds=args.seeds, dataset=args.dataset,
                         tensorboard=args.tensorboard, budget=args.budget, devices=devices,
-                        checkpoint=checkpoint, resume=args.resume is not None)
+                        checkpoint=args.checkpoint, resume=args.resume is not None)
     ctx = Context(settings=settings, out=out, show_progress=args.progress)
     try:
         ctx.check(args.claims)
@@ -574,7 +585,12 @@ def _run(parser: _Parser, args: argparse.Namespace, argv: list[str]) -> int:
 
     options = {name: getattr(args, name) for name in RUN_OPTIONS}
     command = "python -m experiments " + shlex.join(argv)
-    if not suite.run_suite(args.claims, ctx, command=command, options=options):
+    if args.coordinator:
+        peers.watch(args.num_processes, out)
+    completed = suite.run_suite(args.claims, ctx, command=command, options=options)
+    if args.coordinator:  # a lost process ends this one here, in one line
+        peers.finish(args.num_processes, out)
+    if not completed:
         raise SystemExit(f"some claims failed; see {out}/report.md")
     return 0
 

@@ -127,11 +127,19 @@ class Checkpoints:
         )
 
     def restore_latest(self, like: TrainState) -> tuple[TrainState, int]:
-        """The latest checkpoint and its step, or ``(like, 0)`` when there is none yet."""
+        """The latest checkpoint and its step, or ``(like, 0)`` when there is none yet.
+
+        Every array is restored with the shape, dtype and sharding of its counterpart in
+        ``like`` (the trainer's freshly initialised state): onto the same device, the same
+        mesh, or, with several processes, as the same global array.
+        """
         latest = self._manager.latest_step()
         if latest is None:
             return like, 0
-        restored = self._manager.restore(latest, args=self._ocp.args.StandardRestore(tuple(like)))
+        target = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tuple(like)
+        )
+        restored = self._manager.restore(latest, args=self._ocp.args.StandardRestore(target))
         return TrainState(*restored), int(latest)
 
     def save(self, step: int, state: TrainState) -> None:
@@ -210,7 +218,8 @@ def train_and_evaluate(
       workdir: where to write ``config.json``, ``metrics.jsonl`` and checkpoints (None:
         nothing is written and ``resume`` is not possible). Only process 0 writes the files.
       resume: continue from the latest checkpoint in ``workdir``, if there is one (needs
-        ``checkpoint_every > 0``). The final numbers equal an uninterrupted run's.
+        ``checkpoint_every > 0``), restored onto the trainer's devices and shardings. The
+        final numbers equal an uninterrupted run's.
       stop_at: stop after this step (to simulate an interruption; checkpoints included).
       dataset: an already loaded dataset (default: load ``config.dataset``).
       progress: called with the number of steps done after each chunk (e.g. a tqdm update).

@@ -261,6 +261,13 @@ class Trainer:
         self.num_runs = len(runs)
         sharded = config.devices > 1
         self.mesh = Mesh(np.array(jax.devices()[: config.devices]), ("data",)) if sharded else None
+        # Where every array of the training state lives, restored checkpoints included
+        # (experiments.loop.Checkpoints): replicated over the mesh (with several processes, a
+        # global array), or on this process's first device.
+        self.state_sharding: jax.sharding.Sharding = (
+            NamedSharding(self.mesh, P()) if self.mesh is not None
+            else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        )
         model_fields = dict(
             widths=config.widths,
             num_classes=self.dataset.num_classes,
@@ -282,7 +289,7 @@ class Trainer:
         def jit(function: Callable, **options: Any) -> Callable:
             return jax.jit(_standard_promotion(function), **options)
 
-        self._init = jit(self._init_impl)
+        self._init = jit(self._init_impl, out_shardings=self.state_sharding)
         self._chunk = jit(self._chunk_impl, static_argnums=2, donate_argnums=0)
         self._evaluate = jit(self._evaluate_impl, static_argnums=2)
         self._grad_norms = jit(self._grad_norms_impl)
@@ -290,7 +297,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- init
     def init(self) -> TrainState:
-        """The initial state of every run (kernels multiplied by the run's init scale)."""
+        """The initial state of every run (kernels multiplied by the run's init scale), every
+        array placed by ``state_sharding``."""
         return self._init(self.keys.init, self.init_scales)
 
     def _init_impl(self, init_keys: jax.Array, init_scales: jax.Array) -> TrainState:

@@ -122,7 +122,8 @@ def test_the_issue_examples_keep_their_options():
 
 # The options of the recorded run in the --resume tests (meta.options of its results.json).
 RECORDED = {"claims": ["convergence"], "full": True, "seeds": 2, "dataset": "digits",
-            "devices": 1, "budget": 0.01, "tensorboard": False, "num_processes": None}
+            "devices": 1, "budget": 0.01, "tensorboard": False, "num_processes": None,
+            "checkpoint": True}
 
 
 def _results(options=RECORDED, **claims) -> dict:
@@ -430,18 +431,22 @@ def test_a_coordinator_whose_peers_never_come_stops_in_one_line(tmp_path):
 
 
 @pytest.fixture
-def recorded_run(tmp_path, monkeypatch):
-    """A directory with an interrupted run's results.json, and the calls of run_suite
-    (replaced: nothing trains here; test_experiments.py resumes a real run)."""
+def suite_calls(monkeypatch) -> list:
+    """The calls of run_suite (replaced: nothing trains here; test_experiments.py and
+    test_resume.py resume real runs)."""
     from experiments import suite
 
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "results.json").write_text(json.dumps(_results()))
-    calls = []
+    calls: list = []
     monkeypatch.setattr(suite, "run_suite", lambda claims, ctx, **kw: calls.append(
         (claims, ctx, kw)) or True)
-    return run, calls
+    return calls
+
+
+@pytest.fixture
+def recorded_run(tmp_path, suite_calls):
+    """A directory with an interrupted run's results.json (RECORDED), and the calls of
+    run_suite."""
+    return Path(_run_dir(tmp_path, _results())), suite_calls
 
 
 @pytest.mark.parametrize("argv", [
@@ -462,11 +467,21 @@ def test_resume_takes_the_run_options_from_the_run(argv, recorded_run):
     assert kwargs["options"] == RECORDED
 
 
-def test_resume_without_checkpoints_when_asked(recorded_run):
-    run, calls = recorded_run
-    main(["--resume", str(run), "--no-checkpoint", "--no-progress"])
-    ((_, ctx, _),) = calls
-    assert ctx.settings.resume and not ctx.settings.checkpoint and not ctx.show_progress
+@pytest.mark.parametrize(("changes", "checkpoint"), [
+    ({"full": False, "checkpoint": True}, True),  # quick mode with --checkpoint
+    ({"full": False, "checkpoint": False}, False),
+    ({"full": True, "checkpoint": False}, False),  # full mode with --no-checkpoint
+    ({"full": True, "checkpoint": "absent"}, True),  # not recorded: the mode's default
+    ({"full": False, "checkpoint": "absent"}, False),
+])
+def test_resume_keeps_checkpointing_as_the_run_did(changes, checkpoint, tmp_path, suite_calls):
+    """Issue 16: a quick run with --checkpoint, resumed, kept no checkpoints (it retrained
+    from step 0 and wrote none)."""
+    options = {k: v for k, v in {**RECORDED, **changes}.items() if v != "absent"}
+    main(["--resume", _run_dir(tmp_path, _results(options)), "--no-progress"])
+    ((_, ctx, kwargs),) = suite_calls
+    assert ctx.settings.resume and ctx.settings.checkpoint is checkpoint
+    assert kwargs["options"]["checkpoint"] is checkpoint and not ctx.show_progress
 
 
 @pytest.mark.parametrize(("argv", "pattern"), [
@@ -477,6 +492,7 @@ def test_resume_without_checkpoints_when_asked(recorded_run):
     (["run", "all"], r"has claims convergence, got claims convergence covariate-shift"),
     (["--devices", "2"], r"has --devices 1, got --devices 2"),
     (["--tensorboard"], r"has no --tensorboard, got --tensorboard"),
+    (["--no-checkpoint"], r"has --checkpoint, got no --checkpoint"),
     (["--out", "elsewhere"], r"expected no --out with --resume DIR \(it writes to DIR\), got "
                              r"--out elsewhere --resume "),
 ])

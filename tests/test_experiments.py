@@ -150,9 +150,12 @@ def test_train_and_evaluate_writes_plain_files_and_is_deterministic(tmp_path, di
     assert result.final("test_accuracy").min() > 0.5
 
 
-def test_resume_gives_the_same_final_numbers(tmp_path, digits):
+@pytest.mark.parametrize("devices", [1, 2])
+def test_resume_gives_the_same_final_numbers(devices, tmp_path, digits):
+    """With 2 devices the checkpoint is restored onto the mesh (issue 16: it sat on device 0
+    alone, "Received incompatible devices for jitted computation")."""
     config = dataclasses.replace(TINY, checkpoint_every=20, optimizer="adam",
-                                 learning_rates=(1e-2,), dropout=0.1)
+                                 learning_rates=(1e-2,), dropout=0.1, devices=devices)
     straight = train_and_evaluate(config, str(tmp_path / "straight"), dataset=digits)
     workdir = str(tmp_path / "interrupted")
     train_and_evaluate(config, workdir, dataset=digits, stop_at=20)
@@ -163,6 +166,11 @@ def test_resume_gives_the_same_final_numbers(tmp_path, digits):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         steps = [json.loads(x)["step"] for x in f]
     assert steps == [20, 40]
+    trainer, checkpoints = Trainer(config, digits), loop.Checkpoints(workdir)
+    restored, step = checkpoints.restore_latest(trainer.init())
+    checkpoints.close()
+    assert step == 40
+    assert {leaf.sharding for leaf in jax.tree.leaves(restored)} == {trainer.state_sharding}
 
 
 def test_a_nan_stops_the_run_and_records_where(digits):
