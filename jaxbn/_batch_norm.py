@@ -6,8 +6,10 @@ running-statistics update (:mod:`jaxbn._update`), or evaluation (:mod:`jaxbn._no
 
 from __future__ import annotations
 
+import functools
+import numbers
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from jax.typing import ArrayLike
@@ -171,16 +173,17 @@ def batch_norm(
             x, lay, axis=axis, axis_name=axis_name, axis_index_groups=axis_index_groups,
             virtual_batch_size=virtual_batch_size,
         )
-        x_g, scale_g, bias_g, mask_g = grouped_inputs(ghost, x, params, mask)
-        sync = Sync.of(ghost.layout.reduction_axes, axis_name, axis_index_groups)
-        y, batch_mean, batch_var, valid_count = normalize_training(
-            sync, x_g, scale_g, bias_g, mask_g, epsilon
+        static_epsilon, epsilon_ = _static_or_argument(epsilon)
+        static_momentum, momentum_ = _static_or_argument(momentum)
+        config = _Training(
+            Sync.of(ghost.layout.reduction_axes, axis_name, axis_index_groups), ghost,
+            static_epsilon, static_momentum, bool(debias), bool(unbiased_running_var),
         )
-        new_state = update_from_batch(
-            state, ghost, batch_mean, batch_var, valid_count,
-            momentum=momentum, debias=debias, unbiased_running_var=unbiased_running_var,
+        scale, bias = affine(params)
+        return _train(
+            config, x, scale, bias, None if mask is None else jnp.asarray(mask), state,
+            epsilon_, momentum_,
         )
-        return y.reshape(x.shape), new_state
 
 
 def _check_common(
@@ -242,3 +245,64 @@ def grouped_inputs(
     shaped to broadcast against the grouped ``x``."""
     scale, bias = affine(params)
     return ghost.group(x, scale, bias, mask)
+
+
+Static = tuple[type, Any]
+"""A Python or NumPy number (or None) and its type: part of a traced program's key."""
+
+
+def _static_or_argument(value: Any) -> tuple[Static | None, Any]:
+    """``((type, value), None)`` for a Python or NumPy number (or None), which the traced
+    program holds as a constant, as it would without the ``jit``; ``(None, value)`` for an
+    array, which it takes as an argument. The type is part of the key: ``1e-5`` is weakly
+    typed and ``np.float64(1e-5)`` is not, and they promote differently."""
+    if value is None or (isinstance(value, numbers.Number) and not isinstance(value, jax.Array)):
+        return (type(value), value), None
+    return None, value
+
+
+class _Training(NamedTuple):
+    """What a training-mode call's traced program depends on beyond its arguments' types
+    (hashable): the static argument of :func:`_train`."""
+
+    sync: Sync
+    ghost: Ghost
+    epsilon: Static | None  # None: an argument of _train
+    momentum: Static | None
+    debias: bool
+    unbiased_running_var: bool
+
+
+@functools.partial(jax.jit, static_argnums=0, inline=True)
+def _train(
+    config: _Training,
+    x: jax.Array,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    mask: jax.Array | None,
+    state: BatchStats,
+    epsilon: Any,
+    momentum: Any,
+) -> tuple[jax.Array, BatchStats]:
+    """Training-mode normalization and the state update, after the checks.
+
+    Traced once per configuration and argument types, and inlined where it is called
+    (``inline=True``: the caller's program holds the same equations as without the
+    ``jit``): a network whose batch norms share shapes, such as the blocks of a ResNet
+    stage or the layers of an MLP, traces the arithmetic, its JVP and its transpose once
+    rather than once per layer, which is most of a model's time to trace.
+    """
+    if config.epsilon is not None:
+        epsilon = config.epsilon[1]
+    if config.momentum is not None:
+        momentum = config.momentum[1]
+    ghost = config.ghost
+    x_g, scale_g, bias_g, mask_g = ghost.group(x, scale, bias, mask)
+    y, batch_mean, batch_var, valid_count = normalize_training(
+        config.sync, x_g, scale_g, bias_g, mask_g, epsilon
+    )
+    new_state = update_from_batch(
+        state, ghost, batch_mean, batch_var, valid_count, momentum=momentum,
+        debias=config.debias, unbiased_running_var=config.unbiased_running_var,
+    )
+    return y.reshape(x.shape), new_state

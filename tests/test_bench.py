@@ -234,7 +234,7 @@ TOY_RESNET = {"stage_sizes": [1], "num_filters": 4, "batch": 2, "size": 16, "num
 def test_the_compile_time_worker_returns_positive_seconds():
     times = run_in_fresh_process("compile_time", model="resnet50", norm="jaxbn",
                                  config=TOY_RESNET)
-    assert set(times) == {"lower_s", "compile_s"}
+    assert set(times) == {"trace_s", "lower_s", "compile_s"}
     assert all(0 < seconds < 600 for seconds in times.values())
 
 
@@ -347,7 +347,10 @@ def test_the_benchmark_runs_at_toy_size(tmp_path, capsys, monkeypatch):
     for model in ("mlp", "resnet50"):
         assert set(saved["compile"][model]["compile_s"]) == {"none", "jaxbn", "flax"}
         assert saved["compile"][model]["compile_jaxbn_over_flax"] > 0
+        assert 0 < saved["compile"][model]["trace_s"]["jaxbn"] < saved["compile"][model][
+            "lower_s"]["jaxbn"]
     assert "jaxbn/flax" in printed and "trace+lower" in printed and "residuals kept" in printed
+    assert "    trace: " in printed
     assert saved["folding"]["max_abs_diff"] <= 1e-5
 
 

@@ -254,8 +254,8 @@ def _bandwidth(layers: list[dict[str, Any]], environment: dict[str, str]) -> dic
 
 
 def _compile_times(repeats: int, configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Per network: compile and trace+lower seconds per norm, medians over the repetitions
-    (each in a fresh process).
+    """Per network: compile, trace+lower and trace seconds per norm, medians over the
+    repetitions (each in a fresh process).
 
     In every repetition each network's norms take turns, starting from a different one, so
     that a drift of the machine's load does not favour one of them.
@@ -271,7 +271,7 @@ def _compile_times(repeats: int, configs: dict[str, dict[str, Any]]) -> dict[str
                 for norm in norms[r % len(norms):] + norms[: r % len(norms)]
             }
             repetition: dict[str, Any] = {}
-            for stage in ("compile", "lower"):
+            for stage in ("compile", "lower", "trace"):
                 seconds = {norm: times[norm][f"{stage}_s"] for norm in norms}
                 repetition[f"{stage}_s"] = seconds
                 repetition |= {f"{stage}_{a}_over_{b}": seconds[a] / seconds[b]

@@ -190,7 +190,7 @@ def step_timings(
 
 
 def compile_time(model: str, norm: str, config: dict[str, Any] | None = None) -> dict[str, float]:
-    """Seconds to trace and lower one training step, and to compile it with XLA.
+    """Seconds to trace one training step, to lower it, and to compile it with XLA.
 
     Measured as a user meets it: in a fresh process (``python -m experiments.bench.worker
     compile_time``), with no persistent compilation cache, after nothing but jax's start-up.
@@ -203,8 +203,9 @@ def compile_time(model: str, norm: str, config: dict[str, Any] | None = None) ->
       config: overrides of the model's :func:`step_config`.
 
     Returns:
-      ``lower_s`` (``jax.jit(step).lower(*args)``: tracing and lowering to StableHLO, in
-      Python) and ``compile_s`` (``.compile()``: XLA's optimization and code generation).
+      ``trace_s`` (``jax.jit(step).trace(*args)``: running the Python of the step into a
+      jaxpr), ``lower_s`` (tracing and then ``.lower()`` to StableHLO: both steps in Python)
+      and ``compile_s`` (``.compile()``: XLA's optimization and code generation).
     """
     jax.config.update("jax_enable_compilation_cache", False)
     config = step_config(model, config)
@@ -214,10 +215,13 @@ def compile_time(model: str, norm: str, config: dict[str, Any] | None = None) ->
     )
     jax.devices()  # start the backend outside the timed region
     start = time.perf_counter()
-    lowered = jax.jit(_train_step(network, tx)).lower(*args)
+    traced = jax.jit(_train_step(network, tx)).trace(*args)
+    traced_at = time.perf_counter()
+    lowered = traced.lower()
     middle = time.perf_counter()
     lowered.compile()
-    return {"lower_s": middle - start, "compile_s": time.perf_counter() - middle}
+    return {"trace_s": traced_at - start, "lower_s": middle - start,
+            "compile_s": time.perf_counter() - middle}
 
 
 class ConvNet(nn.Module):

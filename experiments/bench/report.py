@@ -125,10 +125,13 @@ def _print_steps(steps: dict[str, Any]) -> None:
 
 def _print_compile(compile_times: dict[str, Any], steps: dict[str, Any], processes: int) -> None:
     print(f"\ncompile time of the training step, XLA only (.compile()), from cold caches in "
-          f"a fresh process each, median of {processes}; trace+lower (.lower()) beside it")
+          f"a fresh process each, median of {processes}; trace+lower (.lower()) and trace "
+          f"(.trace()) beside it")
     for model, times in compile_times.items():
         parts = []
-        for stage, name in (("compile", "XLA compile"), ("lower", "trace+lower")):
+        for stage, name in (
+            ("compile", "XLA compile"), ("lower", "trace+lower"), ("trace", "trace")
+        ):
             seconds = ", ".join(f"{norm} {s:.2f} s" for norm, s in times[f"{stage}_s"].items())
             ratios = "; ".join(
                 f"{key.removeprefix(stage + '_').replace('_over_', '/')} {_ratio(times, key)}"
