@@ -663,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         from .claims import load_claim
 
         width = max(map(len, CLAIM_IDS))
-        print("\n".join(f"{c:<{width}}  {load_claim(c).CLAIM}" for c in CLAIM_IDS))
+        print("\n".join(f"{c:<{width}}  {load_claim(c).title}" for c in CLAIM_IDS))
         return 0
     if args.command == "bench":
         _require_extras(parser, "experiments")
