@@ -19,13 +19,15 @@ import tempfile
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-_CACHE_OWNER = "PYTEST_XDIST_WORKER" not in os.environ  # workers inherit the directory
-if _CACHE_OWNER:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxbn-tests-xla-")
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+os.environ.update({} if "PYTEST_XDIST_WORKER" in os.environ else {  # workers inherit it
+    "JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="jaxbn-tests-xla-"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+})
 
 import jax
+
+_CACHE_OWNER = "PYTEST_XDIST_WORKER" not in os.environ  # the process that removes it
 
 # The same here, in case jax was imported before this file (it reads the environment then).
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
