@@ -1,8 +1,11 @@
 """The command line: ``python -m experiments [OPTIONS] [COMMAND [ARGUMENTS]]``.
 
-Without a command it runs every claim. An option may stand before or after the command: the
-words before the command are parsed again by the command's own parser, so an option takes
-effect wherever it stands, and an option the command does not have is rejected in one line.
+Without a command it runs every claim. The suite's options may stand before or after the
+command: they come from one parent parser, shared by the words before the command and ``run``,
+and every parser leaves out what is not given (``argument_default=SUPPRESS``), so one parse
+gives the values the command line sets itself, wherever they stand; the defaults are laid
+under them afterwards. A suite option before another command takes effect if that command has
+the same option, and is rejected in one line otherwise.
 Every value is checked here, with the installed extras and every config of the chosen
 claims, before anything trains; a bad one exits with status 2 and a one-line message.
 """
@@ -22,10 +25,11 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from . import data, peers, report  # none imports jax at import time
-from .bench import add_arguments as add_bench_arguments  # imports no jax, as .claims
+from .bench import DEFAULTS as BENCH_DEFAULTS  # imports no jax, as .claims
+from .bench import add_arguments as add_bench_arguments
 from .bench import run_from_args as run_bench_from_args
 from .claims import CLAIM_IDS  # imports neither jax nor the extras: checks come first
 
@@ -40,7 +44,6 @@ MAX_DEVICES = 256
 # already 0.2 standard deviations wide.
 MAX_SEEDS = 100
 COORDINATOR_TIMEOUT = 60  # seconds for every process to join; --coordinator-timeout
-COMMANDS = ("list", "run", "plot", "bench", "docs")
 # The options that shape a run: --resume takes them from the run it continues, so it keeps
 # checkpointing as the run did (`checkpoint` is recorded as given or by the mode's default).
 RUN_OPTIONS = ("claims", "full", "seeds", "dataset", "devices", "budget", "tensorboard",
@@ -142,154 +145,225 @@ def _coordinator(text: str) -> str:
     return text
 
 
-def _add_suite_options(parser: argparse.ArgumentParser) -> None:
-    """The options of a suite of claims: ``python -m experiments`` and ``run``."""
+# The suite's options when the command line leaves them out. Every parser here is made with
+# ``argument_default=SUPPRESS``, so a namespace holds only what was given, wherever it stood
+# (argparse copies a command's namespace over the one of the words before it); the defaults are
+# laid under it afterwards.
+SUITE_DEFAULTS: dict[str, Any] = {
+    "full": False, "seeds": None, "dataset": None, "devices": 1, "out": None, "resume": None,
+    "checkpoint": None, "tensorboard": False, "budget": 1.0, "progress": True,
+    "coordinator": None, "num_processes": None, "process_id": None,
+    "coordinator_timeout": COORDINATOR_TIMEOUT,
+}
+
+
+def _suite_options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """Adds the options of a suite of claims (``python -m experiments`` and ``run``) to
+    ``parser``, without defaults (:data:`SUITE_DEFAULTS`); returns them."""
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", dest="full", action="store_false", default=False,
-                      help="reduced sizes: 3 seeds, few hundred steps (default)")
-    mode.add_argument("--full", dest="full", action="store_true", default=False,
-                      help="full sizes: 5 seeds, thousands of steps, larger sweeps and data")
-    parser.add_argument("--seeds", type=_integer(1, MAX_SEEDS), default=None, metavar="N",
-                        help="number of seeds per arm (default 3 quick, 5 full; >= 2 for an "
-                             f"interval, >= 3 for a meaningful one; at most {MAX_SEEDS})")
-    parser.add_argument("--dataset", type=_dataset, default=None, metavar="NAME",
-                        help=f"digits | mnist1d[:N] (N in [{data.MNIST1D_MIN}, "
-                             f"{data.MNIST1D_MAX}]) | idx:DIR (MNIST/Fashion-MNIST IDX files, "
-                             ".gz allowed); default mnist1d:4000 quick, mnist1d:10000 full")
-    parser.add_argument("--devices", type=_integer(1, MAX_DEVICES), default=1, metavar="N",
-                        help="devices (on CPU: host devices, made before jax starts; with "
-                             "--coordinator, per process); runs whose batch divides by the "
-                             "device count train data-parallel with shard_map and synchronized "
-                             "BN. The sync claim always uses 8 (on one process). At most "
-                             f"{MAX_DEVICES}, the largest batch of any claim.")
-    parser.add_argument("--out", type=_directory, default=None, metavar="DIR",
-                        help="output directory (default results/<timestamp>/)")
-    parser.add_argument("--resume", type=_directory, default=None, metavar="DIR",
-                        help="continue the interrupted run in DIR (it writes there): completed "
-                             "claims are kept, the others continue from their checkpoints; "
-                             "the run's options come from DIR/results.json")
-    checkpoint = parser.add_mutually_exclusive_group()
-    checkpoint.add_argument("--checkpoint", dest="checkpoint", action="store_true",
-                            default=None,
-                            help="orbax checkpoints about 10 times per group of runs, so "
-                                 "--resume loses little (default with --full)")
-    checkpoint.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
-                            default=None, help="no checkpoints (default in quick mode)")
-    parser.add_argument("--tensorboard", action="store_true",
-                        help="also write TensorBoard event files (needs the [tensorboard] extra)")
-    parser.add_argument("--budget", type=_budget, default=1.0, metavar="F",
-                        help="multiply every step count by F > 0 (e.g. 0.1 for a smoke test)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no progress bars")
     dist = parser.add_argument_group("multi-process (jax.distributed.initialize)")
-    dist.add_argument("--coordinator", type=_coordinator, default=None, metavar="HOST:PORT",
-                      help="address of process 0; with it every process runs the same command")
-    dist.add_argument("--num-processes", type=_integer(1), default=None, metavar="N")
-    dist.add_argument("--process-id", type=_integer(0), default=None, metavar="I")
-    dist.add_argument("--coordinator-timeout", type=_integer(1, 3600),
-                      default=COORDINATOR_TIMEOUT, metavar="S",
-                      help="seconds for every process to reach the coordinator before each "
-                           f"gives up in one line (default {COORDINATOR_TIMEOUT})")
+    checkpoint = parser.add_mutually_exclusive_group()
+    return [
+        mode.add_argument("--quick", dest="full", action="store_false",
+                          help="reduced sizes: 3 seeds, few hundred steps (default)"),
+        mode.add_argument("--full", dest="full", action="store_true",
+                          help="full sizes: 5 seeds, thousands of steps, larger sweeps and data"),
+        parser.add_argument("--seeds", type=_integer(1, MAX_SEEDS), metavar="N",
+                            help="number of seeds per arm (default 3 quick, 5 full; >= 2 for an "
+                                 "interval, >= 3 for a meaningful one; at most "
+                                 f"{MAX_SEEDS})"),
+        parser.add_argument("--dataset", type=_dataset, metavar="NAME",
+                            help=f"digits | mnist1d[:N] (N in [{data.MNIST1D_MIN}, "
+                                 f"{data.MNIST1D_MAX}]) | idx:DIR (MNIST/Fashion-MNIST IDX "
+                                 "files, .gz allowed); default mnist1d:4000 quick, "
+                                 "mnist1d:10000 full"),
+        parser.add_argument("--devices", type=_integer(1, MAX_DEVICES), metavar="N",
+                            help="devices (on CPU: host devices, made before jax starts; with "
+                                 "--coordinator, per process); runs whose batch divides by the "
+                                 "device count train data-parallel with shard_map and "
+                                 "synchronized BN. The sync claim always uses 8 (on one "
+                                 f"process). At most {MAX_DEVICES}, the largest batch of any "
+                                 "claim. Default 1."),
+        parser.add_argument("--out", type=_directory, metavar="DIR",
+                            help="output directory (default results/<timestamp>/)"),
+        parser.add_argument("--resume", type=_directory, metavar="DIR",
+                            help="continue the interrupted run in DIR (it writes there): "
+                                 "completed claims are kept, the others continue from their "
+                                 "checkpoints; the run's options come from DIR/results.json"),
+        checkpoint.add_argument("--checkpoint", dest="checkpoint", action="store_true",
+                                help="orbax checkpoints about 10 times per group of runs, so "
+                                     "--resume loses little (default with --full)"),
+        checkpoint.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
+                                help="no checkpoints (default in quick mode)"),
+        parser.add_argument("--tensorboard", action="store_true",
+                            help="also write TensorBoard event files (needs the [tensorboard] "
+                                 "extra)"),
+        parser.add_argument("--budget", type=_budget, metavar="F",
+                            help="multiply every step count by F > 0 (e.g. 0.1 for a smoke "
+                                 "test)"),
+        parser.add_argument("--no-progress", dest="progress", action="store_false",
+                            help="no progress bars"),
+        dist.add_argument("--coordinator", type=_coordinator, metavar="HOST:PORT",
+                          help="address of process 0; with it every process runs the same "
+                               "command"),
+        dist.add_argument("--num-processes", type=_integer(1), metavar="N"),
+        dist.add_argument("--process-id", type=_integer(0), metavar="I"),
+        dist.add_argument("--coordinator-timeout", type=_integer(1, 3600), metavar="S",
+                          help="seconds for every process to reach the coordinator before each "
+                               f"gives up in one line (default {COORDINATOR_TIMEOUT})"),
+    ]
 
 
-def _run_parser(parser: _Parser) -> None:
+def _suite_parent() -> tuple[_Parser, list[argparse.Action]]:
+    """The parent parser of the suite's options, shared by the words before the command and
+    ``run``, and its options."""
+    parent = _Parser(add_help=False, argument_default=argparse.SUPPRESS)
+    return parent, _suite_options(parent)
+
+
+def _run_options(parser: _Parser) -> list[argparse.Action]:
     parser.description = "Run the named claims (or 'all') and write their report."
-    parser.add_argument("claims", nargs="+", metavar="CLAIM",
-                        help=f"claim ids, or 'all': {', '.join(CLAIM_IDS)}")
-    _add_suite_options(parser)
+    return [parser.add_argument("claims", nargs="+", metavar="CLAIM",
+                                help=f"claim ids, or 'all': {', '.join(CLAIM_IDS)}")]
 
 
-def _plot_parser(parser: _Parser) -> None:
+def _plot_options(parser: _Parser) -> list[argparse.Action]:
     parser.description = "Remake the figures and report.md from DIR/results.json."
-    parser.add_argument("dir", type=_directory, metavar="DIR")
+    return [parser.add_argument("dir", type=_directory, metavar="DIR")]
 
 
-def _docs_parser(parser: _Parser) -> None:
+def _docs_options(parser: _Parser) -> list[argparse.Action]:
     parser.description = (
         "Rewrite the results and bench sections of docs/ and the figures in docs/figures/ "
         "from experiments/reference/."
     )
-    parser.add_argument("--check", action="store_true",
-                        help="change nothing; exit 1 if the docs differ from the rendering")
+    return [parser.add_argument("--check", action="store_true",
+                                help="change nothing; exit 1 if the docs differ from the "
+                                     "rendering")]
 
 
-_BUILDERS: dict[str, Callable[[_Parser], None]] = {
-    "list": lambda parser: None,
-    "run": _run_parser,
-    "plot": _plot_parser,
-    "bench": add_bench_arguments,  # experiments/bench owns its options
-    "docs": _docs_parser,
+# Each command: what adds its own arguments (returning them), and its defaults.
+_COMMANDS: dict[str, tuple[Callable[[_Parser], list[argparse.Action]], dict[str, Any]]] = {
+    "list": (lambda parser: [], {}),
+    "run": (_run_options, SUITE_DEFAULTS),
+    "plot": (_plot_options, {}),
+    "bench": (add_bench_arguments, BENCH_DEFAULTS),  # experiments/bench owns its options
+    "docs": (_docs_options, {"check": False}),
 }
+COMMANDS = tuple(_COMMANDS)
+
+
+class _CommandWord:
+    """The ``type`` of the COMMAND positional. argparse converts the command and every word
+    after it with it; the first is the command, refused in one line unless it is one (an
+    option of another command standing before it, whose value took its place, is named)."""
+
+    def __init__(self, argv: list[str], suite: list[argparse.Action]) -> None:
+        self.argv, self.suite, self.seen = argv, suite, False
+
+    def __call__(self, word: str) -> str:
+        if self.seen or word in COMMANDS:
+            self.seen = True
+            return word
+        known = {option for action in self.suite for option in action.option_strings}
+        before = self.argv[: self.argv.index(word)] if word in self.argv else []
+        unknown = [w for w in before if w.startswith("-") and w.split("=")[0] not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(
+                f"{' '.join(unknown)} is not an option before the command; only the options of "
+                "--help may stand there")
+        raise argparse.ArgumentTypeError(f"expected a command in {COMMANDS}, got {word!r}")
+
+
+class _Cli(NamedTuple):
+    """The command line's parsers."""
+
+    parser: _Parser  # the words before the command: the suite's options, then the command
+    commands: dict[str, _Parser]  # each command's own arguments
+    suite: list[argparse.Action]  # the suite's options (before any command, and in run's)
+    options: dict[str, dict[str, argparse.Action]]  # each command's options by option string
+
+
+def _cli(argv: list[str] | None = None) -> _Cli:
+    """The parsers, for ``argv`` (which only an unknown command's message reads)."""
+    parent, suite = _suite_parent()
+    parser = _Parser(prog="python -m experiments", description=DESCRIPTION, parents=[parent],
+                     usage="python -m experiments [OPTIONS] [COMMAND [ARGUMENTS]]",
+                     argument_default=argparse.SUPPRESS)
+    subparsers = parser.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=_Parser,
+        help=f"one of {', '.join(COMMANDS)} (default: every claim)")
+    subparsers.type = _CommandWord(argv or [], suite)
+    commands, options = {}, {}
+    for command, (add_options, _) in _COMMANDS.items():
+        shared = [parent] if command == "run" else []
+        commands[command] = subparsers.add_parser(
+            command, prog=f"python -m experiments {command}", parents=shared,
+            argument_default=argparse.SUPPRESS)
+        actions = add_options(commands[command]) + (suite if shared else [])
+        options[command] = {option: action for action in actions
+                            for option in action.option_strings}
+    return _Cli(parser, commands, suite, options)
 
 
 def command_parser(command: str) -> _Parser:
     """The parser of one command's arguments."""
-    parser = _Parser(prog=f"python -m experiments {command}")
-    _BUILDERS[command](parser)
-    return parser
+    return _cli().commands[command]
 
 
 def make_parser() -> _Parser:
-    """The parser of the words before the command: the suite's options, then the command."""
-    parser = _Parser(prog="python -m experiments", description=DESCRIPTION,
-                     usage="python -m experiments [OPTIONS] [COMMAND [ARGUMENTS]]")
-    _add_suite_options(parser)
-    parser.add_argument("command", nargs="?", metavar="COMMAND",
-                        help=f"one of {', '.join(COMMANDS)} (default: every claim)")
-    parser.add_argument("arguments", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    return parser
+    """The parser of the command line: the suite's options, then the command."""
+    return _cli().parser
 
 
-def _parse(
-    argv: list[str], adjust: Callable[[_Parser], _Parser] = lambda parser: parser
-) -> tuple[_Parser, argparse.Namespace, str | None]:
-    """The parser that read the arguments, the arguments and the command (None: none given):
-    the words before the command are parsed again by the command's parser. ``adjust`` is
-    applied to each parser before it parses."""
-    parser = adjust(make_parser())
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        parser.error(f"{' '.join(unknown)} is not an option before the command; only the "
-                     "options of --help may stand there")
-    command = getattr(args, "command", None)
+def _words(suite: list[argparse.Action], dest: str, value: Any) -> tuple[str, list[str]]:
+    """The option of the suite that gives ``dest`` the ``value``, and the words that do."""
+    for action in suite:
+        if action.dest == dest and (action.nargs != 0 or action.const == value):
+            option = action.option_strings[-1]
+            return option, [option] if action.nargs == 0 else [option, str(value)]
+    raise AssertionError(f"no option of the suite gives {dest} = {value!r}")
+
+
+def _parse(argv: list[str]) -> tuple[_Parser, argparse.Namespace, dict[str, Any]]:
+    """:func:`parse_args`, and the values ``argv`` gives itself by destination (``claims``
+    only after ``run``, with 'all' expanded)."""
+    cli = _cli(argv)
+    given = vars(cli.parser.parse_args(argv))
+    command = given.pop("command", None)
     if command is None:
-        return parser, args, None
-    if command not in COMMANDS:
-        parser.error(f"expected a command in {COMMANDS}, got {command!r}")
-    before = argv[: len(argv) - len(args.arguments) - 1]
-    parser = adjust(command_parser(command))
-    return parser, parser.parse_args([*before, *args.arguments]), command
+        parser, defaults = cli.parser, {**SUITE_DEFAULTS, "claims": list(CLAIM_IDS)}
+    else:
+        parser, defaults = cli.commands[command], _COMMANDS[command][1]
+    if command not in (None, "run"):
+        # A suite option (necessarily before the command) takes effect if the command has
+        # the same option, and is refused otherwise.
+        own, unknown = cli.options[command], []
+        own_dests = {action.dest for action in own.values()}
+        suite_dests = {action.dest for action in cli.suite}
+        for dest in [d for d in given if d in suite_dests and d not in own_dests]:
+            option, words = _words(cli.suite, dest, given.pop(dest))
+            if option not in own:
+                unknown += words
+            else:
+                action = own[option]
+                given[action.dest] = action.const if action.nargs == 0 else words[-1]
+        if unknown:
+            cli.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if given.get("claims") == ["all"]:
+        given["claims"] = list(CLAIM_IDS)
+    args = argparse.Namespace(**{**defaults, **given, "command": command or "suite"})
+    if args.command in ("suite", "run"):
+        _check_suite_options(parser, args)
+    return parser, args, given
 
 
 def parse_args(argv: list[str]) -> tuple[_Parser, argparse.Namespace]:
     """The parser that read the command's arguments (for later errors) and the arguments,
     with ``command`` (``"suite"`` when none is given), wherever the options stand. Exits with
     status 2 and a one-line message for anything it cannot accept."""
-    parser, args, command = _parse(argv)
-    if command is None:
-        args.command, args.claims = "suite", list(CLAIM_IDS)
-    else:
-        args.command = command
-    if args.command in ("suite", "run"):
-        _check_suite_options(parser, args)
+    parser, args, _ = _parse(argv)
     return parser, args
-
-
-def _no_defaults(parser: _Parser) -> _Parser:
-    for action in parser._actions:  # argparse keeps a parser's arguments only there
-        action.default = argparse.SUPPRESS
-    return parser
-
-
-def _given_options(argv: list[str]) -> dict[str, Any]:
-    """The values that ``argv`` (already accepted by :func:`parse_args`) sets itself, by
-    destination: the defaults left out, ``claims`` only after ``run``, with 'all' expanded."""
-    given = vars(_parse(argv, _no_defaults)[1])
-    given.pop("command", None)
-    given.pop("arguments", None)
-    if given.get("claims") == ["all"]:
-        given["claims"] = list(CLAIM_IDS)
-    return given
 
 
 def _check_suite_options(parser: _Parser, args: argparse.Namespace) -> None:
@@ -332,8 +406,8 @@ class _Checker(_Parser):
     the command line's own types: a refused value raises :class:`_Refusal`."""
 
     def __init__(self) -> None:
-        super().__init__(prog="results.json", add_help=False)
-        _add_suite_options(self)
+        super().__init__(prog="results.json", add_help=False, parents=[_suite_parent()[0]],
+                         argument_default=argparse.SUPPRESS)
         self.add_argument("claims", nargs="*")
 
     def error(self, message: str) -> NoReturn:
@@ -389,7 +463,8 @@ def _recorded_options(options: Any) -> dict[str, Any]:
         else:
             value = options[name]
         try:
-            parsed = vars(checker.parse_args(_recorded_words(name, value)))[name]
+            parsed = {**SUITE_DEFAULTS,
+                      **vars(checker.parse_args(_recorded_words(name, value)))}[name]
         except _Refusal as refusal:
             raise ValueError(f"meta.options.{name}: {refusal}") from None
         unknown = [c for c in value if c not in CLAIM_IDS] if name == "claims" else []
@@ -403,11 +478,12 @@ def _recorded_options(options: Any) -> dict[str, Any]:
     return recorded
 
 
-def _resume_options(parser: _Parser, args: argparse.Namespace, argv: list[str]) -> None:
+def _resume_options(parser: _Parser, args: argparse.Namespace, given: dict[str, Any]) -> None:
     """``--resume DIR``: the run options of the run in DIR (``meta.options`` of its
-    results.json, checked like the command line's) replace those of ``args``; ``argv`` may
-    repeat them but not change them, and may give ``--out`` only as DIR. Exits in one line
-    otherwise, naming DIR/results.json and the field."""
+    results.json, checked like the command line's) replace those of ``args``; the command
+    line (``given``: the values it gives itself) may repeat them but not change them, and
+    may give ``--out`` only as DIR. Exits in one line otherwise, naming DIR/results.json and
+    the field."""
     try:
         results = report.load_results(args.resume)
     except OSError:
@@ -422,7 +498,7 @@ def _resume_options(parser: _Parser, args: argparse.Namespace, argv: list[str]) 
     if args.out not in (None, args.resume):
         parser.error(f"expected no --out with --resume DIR (it writes to DIR), got --out "
                      f"{args.out} --resume {args.resume}")
-    for name, value in _given_options(argv).items():
+    for name, value in given.items():
         if name in recorded and value != recorded[name]:
             parser.error(f"--resume: the run in {args.resume} has "
                          f"{_describe(name, recorded[name])}, got {_describe(name, value)}; "
@@ -544,12 +620,14 @@ def _use_cpu_devices(parser: _Parser, count: int) -> None:
                          f"{jax.device_count()}; run from a fresh process")
 
 
-def _run(parser: _Parser, args: argparse.Namespace, argv: list[str]) -> int:
-    """Runs the suite or some claims: every check, then the claims."""
+def _run(parser: _Parser, args: argparse.Namespace, argv: list[str],
+         given: dict[str, Any]) -> int:
+    """Runs the suite or some claims (``argv``, which gives ``given`` itself): every check,
+    then the claims."""
     from .claims import Context, Settings
 
     if args.resume is not None:
-        _resume_options(parser, args, argv)
+        _resume_options(parser, args, given)
     out = args.out or os.path.join("results", time.strftime("%Y%m%d-%H%M%S"))
     _check_output(parser, "--resume" if args.resume is not None else "--out", out)
     extras = ("experiments", "tensorboard") if args.tensorboard else ("experiments",)
@@ -597,12 +675,12 @@ def _run(parser: _Parser, args: argparse.Namespace, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser, args = parse_args(argv)
+    parser, args, given = _parse(argv)
     if args.command == "list":
         from .claims import load_claim
 
         width = max(map(len, CLAIM_IDS))
-        print("\n".join(f"{c:<{width}}  {load_claim(c).CLAIM}" for c in CLAIM_IDS))
+        print("\n".join(f"{c:<{width}}  {load_claim(c).title}" for c in CLAIM_IDS))
         return 0
     if args.command == "bench":
         _require_extras(parser, "experiments")
@@ -621,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
         from . import docs
 
         return docs.main(check=args.check)
-    return _run(parser, args, argv)
+    return _run(parser, args, argv, given)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from . import data as data_lib
+from .probes import Probes
 from .train import Config, Trainer, TrainState
 
 __all__ = ["Checkpoints", "MetricsLog", "Result", "train_and_evaluate"]
@@ -236,11 +237,12 @@ def train_and_evaluate(
     if resume and not (workdir and config.checkpoint_every > 0):
         raise ValueError("Expected `workdir` and `checkpoint_every > 0` to resume.")
     trainer = Trainer(config, dataset)
+    probes = Probes(trainer)
     primary = jax.process_index() == 0  # the one process that writes files
     if workdir and primary:
         _write_config(workdir, config, trainer.dataset)
     state = trainer.init()
-    grad_norms = trainer.grad_norms(state) if config.grad_norms else None
+    grad_norms = probes.grad_norms(state) if config.grad_norms else None
     checkpoints = Checkpoints(workdir) if workdir and config.checkpoint_every > 0 else None
     step = 0
     if resume and checkpoints is not None:
@@ -261,6 +263,8 @@ def train_and_evaluate(
             chunk_seconds.append((time.perf_counter() - tic) / config.eval_every)
             step += config.eval_every
             metrics = trainer.evaluate(state, probe=config.probe)
+            if config.recalibration_batches:
+                metrics.update(probes.evaluate_recalibrated(state))
             seconds = earlier + time.perf_counter() - started
             records.append(_record(step, seconds, losses, metrics, state))
             log.write(records[-1])

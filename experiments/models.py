@@ -40,9 +40,9 @@ import jax.numpy as jnp
 
 import jaxbn.linen
 
-__all__ = ["ACTIVATIONS", "BATCH_NORMS", "CNN", "GHOST_BATCH", "MLP", "NORMS",
-           "BottleneckResNetBlock", "ResNet", "ResNet18", "ResNet50", "ResNetBlock", "ghost_size",
-           "make_model"]
+__all__ = ["ACTIVATIONS", "BATCH_NORMS", "CNN", "GHOST_BATCH", "MLP", "MODELS", "NORMS",
+           "BottleneckResNetBlock", "Classifier", "ResNet", "ResNet18", "ResNet50", "ResNetBlock",
+           "ghost_size", "make_model"]
 
 NORMS = ("none", "bn", "flax-bn", "layer", "group", "renorm", "ghost")
 BATCH_NORMS = ("bn", "flax-bn", "renorm", "ghost")  # the norms with running statistics
@@ -137,17 +137,22 @@ class Block(nn.Module):
         return h
 
 
-class MLP(nn.Module):
-    """Multilayer perceptron: flatten → ``len(widths)`` hidden blocks → linear classifier."""
+class Classifier(nn.Module):
+    """The fields :class:`MLP` and :class:`CNN` share: blocks of :class:`Block`, then a linear
+    classifier."""
 
-    widths: Sequence[int]
+    widths: Sequence[int]  # the blocks' output features: hidden units (MLP) or channels (CNN)
     num_classes: int
-    norm: str = "none"
-    placement: str = "before"
+    norm: str = "none"  # one of NORMS
+    placement: str = "before"  # the norm before or after the activation
     activation: str = "relu"
     dropout: float = 0.0
-    bn_momentum: float = 0.9
-    axis_name: str | None = None
+    bn_momentum: float = 0.9  # EMA decay of the running statistics
+    axis_name: str | None = None  # the mesh axis BN synchronizes its statistics over
+
+
+class MLP(Classifier):
+    """Multilayer perceptron: flatten → ``len(widths)`` hidden blocks → linear classifier."""
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -167,27 +172,19 @@ class MLP(nn.Module):
         return nn.Dense(self.num_classes, name="head")(h)
 
 
-class CNN(nn.Module):
+class CNN(Classifier):
     """Small CNN for 1-D (``(N, L, C)``) or 2-D (``(N, H, W, C)``) inputs.
 
-    Conv blocks of kernel size 3 (``channels`` of them), a 2× average pooling after every
-    block but the last while the length allows, global average pooling, linear classifier.
+    Conv blocks of kernel size 3 (``widths`` channels), a 2× average pooling after every
+    block but the last while the length allows, global average pooling, linear classifier
+    (dropout before it).
     """
-
-    channels: Sequence[int]
-    num_classes: int
-    norm: str = "none"
-    placement: str = "before"
-    activation: str = "relu"
-    dropout: float = 0.0
-    bn_momentum: float = 0.9
-    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         spatial = x.ndim - 2
         h = x
-        for i, channels in enumerate(self.channels):
+        for i, channels in enumerate(self.widths):
             h = Block(
                 channels,
                 self.norm,
@@ -197,10 +194,10 @@ class CNN(nn.Module):
                 self.bn_momentum,
                 self.axis_name,
                 conv_kernel=(3,) * spatial,
-                sow_preact=i == len(self.channels) - 1,
+                sow_preact=i == len(self.widths) - 1,
                 name=f"block{i}",
             )(h, train=train)
-            if i < len(self.channels) - 1 and min(h.shape[1:-1]) >= 4:
+            if i < len(self.widths) - 1 and min(h.shape[1:-1]) >= 4:
                 with jax.numpy_dtype_promotion("standard"):  # flax divides by an int
                     h = nn.avg_pool(h, (2,) * spatial, strides=(2,) * spatial)
         h = jnp.mean(h, axis=tuple(range(1, 1 + spatial)))
@@ -228,22 +225,14 @@ def make_model(
         raise ValueError(f"Expected `placement` in {PLACEMENTS}, got {placement!r}.")
     if activation not in ACTIVATIONS:
         raise ValueError(f"Expected `activation` in {sorted(ACTIVATIONS)}, got {activation!r}.")
-    fields = dict(
-        num_classes=num_classes,
-        norm=norm,
-        placement=placement,
-        activation=activation,
-        dropout=dropout,
-        bn_momentum=bn_momentum,
-        axis_name=axis_name,
-    )
-    if kind == "mlp":
-        return MLP(widths=tuple(widths), **fields)
-    if kind == "cnn":
-        return CNN(channels=tuple(widths), **fields)
-    raise ValueError(f"Expected `model` in ('mlp', 'cnn'), got {kind!r}.")
+    if kind not in MODELS:
+        raise ValueError(f"Expected `model` in {tuple(MODELS)}, got {kind!r}.")
+    return MODELS[kind](widths=tuple(widths), num_classes=num_classes, norm=norm,
+                        placement=placement, activation=activation, dropout=dropout,
+                        bn_momentum=bn_momentum, axis_name=axis_name)
 
 
+MODELS: dict[str, type[Classifier]] = {"mlp": MLP, "cnn": CNN}
 ModuleDef = Any  # a module class, or a functools.partial of one
 
 

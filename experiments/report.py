@@ -182,7 +182,7 @@ def claim_table(claim_id: str, entry: dict[str, Any]) -> str | None:
 
     if claim_id not in CLAIM_IDS or "error" in entry:
         return None
-    table = getattr(load_claim(claim_id), "report_table", None)
+    table = load_claim(claim_id).report_table
     return None if table is None else table(entry)
 
 

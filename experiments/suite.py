@@ -140,7 +140,7 @@ def run_suite(claim_ids: Sequence[str], ctx: Context, *, command: str,
         try:
             entry = load_claim(claim_id).run(ctx)
         except Exception:  # a failed claim is reported, the others still run
-            entry = {"id": claim_id, "claim": load_claim(claim_id).CLAIM,
+            entry = {"id": claim_id, "claim": load_claim(claim_id).title,
                      "verdict": "inconclusive", "error": traceback.format_exc()}
         entry["runtime_s"] = time.perf_counter() - tic
         entries[claim_id] = entry

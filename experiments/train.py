@@ -16,14 +16,8 @@ new parameters are finite. A run whose loss or parameters stop being finite is *
 state stays at its last finite value and ``nan_step`` records the step.
 
 Evaluation uses the running statistics (``train=False``) on the whole test set and on up to
-2,000 training examples. With ``recalibration_batches = K > 0`` every evaluation is also done
-a second time with *recalibrated* statistics (PreciseBN, Wu & Johnson 2021): the current
-weights run K training-mode forwards of ``batch_size`` training examples each (drawn as
-training draws them, from a key of their own, the same K batches at every evaluation) with
-every batch norm's momentum forced to 0 (``flax.linen.intercept_methods``, as in
-docs/recalibration-folding.md), and ``jaxbn.recalibration_update`` pools the K batches'
-statistics exactly; those metrics get the suffix ``_recalibrated``. The training state
-itself keeps its running statistics.
+2,000 training examples. The recalibrated statistics (``recalibration_batches``) and the
+gradient norms (``grad_norms``) are measured by :mod:`experiments.probes`.
 
 With ``devices > 1`` the step runs under ``jax.shard_map`` over a ``"data"`` mesh axis: each
 device holds ``batch_size / devices`` examples, gradients are averaged with ``pmean``, and BN
@@ -48,9 +42,6 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-
-import jaxbn
-import jaxbn.linen
 
 from . import data as data_lib
 from .models import BATCH_NORMS, make_model
@@ -219,19 +210,6 @@ def _standard_promotion(function: Callable) -> Callable:
     return wrapped
 
 
-def _momentum_zero(next_fun, args, kwargs, context):
-    """Interceptor: every batch norm runs with momentum 0 (its new running statistics are
-    the batch's own), on the same variables; the recipe of docs/recalibration-folding.md."""
-    module = context.module
-    if (
-        isinstance(module, jaxbn.linen.BatchNorm | nn.BatchNorm)
-        and context.method_name == "__call__"
-        and module.momentum != 0.0
-    ):
-        return module.clone(parent=module.scope, momentum=0.0)(*args, **kwargs)
-    return next_fun(*args, **kwargs)
-
-
 def _variables(params: Any, batch_stats: Any) -> dict[str, Any]:
     """The flax variables of one run (no ``batch_stats`` collection for a model without BN)."""
     return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
@@ -250,8 +228,8 @@ def _training_loss(
 
 
 class Trainer:
-    """The compiled pieces of one config: ``init``, ``chunk`` of steps, ``evaluate``,
-    ``recalibrated_stats`` and ``grad_norms``; every method works on all runs at once."""
+    """The compiled pieces of one config: ``init``, ``chunk`` of steps, ``evaluate``; every
+    method works on all runs at once."""
 
     def __init__(self, config: Config, dataset: data_lib.Dataset | None = None):
         self.config = config
@@ -292,8 +270,6 @@ class Trainer:
         self._init = jit(self._init_impl, out_shardings=self.state_sharding)
         self._chunk = jit(self._chunk_impl, static_argnums=2, donate_argnums=0)
         self._evaluate = jit(self._evaluate_impl, static_argnums=2)
-        self._grad_norms = jit(self._grad_norms_impl)
-        self._recalibrated = jit(self._recalibrated_impl)
 
     # ---------------------------------------------------------------- init
     def init(self) -> TrainState:
@@ -322,7 +298,7 @@ class Trainer:
         )
 
     # ---------------------------------------------------------------- training
-    def _training_batch(self, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def training_batch(self, step: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Every run's batch ``step``: ``(R, B, ...)`` inputs and ``(R, B)`` labels."""
         n, b = self.data.x_train.shape[0], self.config.batch_size
         idx = jax.vmap(_batch_indices, (0, None, None, None))(self.keys.data, step, n, b)
@@ -360,7 +336,7 @@ class Trainer:
         return new_state, loss
 
     def _step(self, state: TrainState, step: jax.Array) -> tuple[TrainState, jax.Array]:
-        x, y = self._training_batch(step)
+        x, y = self.training_batch(step)
         runs_step = jax.vmap(self._local_step, in_axes=(0, 0, 0, 0, 0, None))
         if self.mesh is not None:
             runs_step = jax.shard_map(
@@ -422,66 +398,11 @@ class Trainer:
 
         return jax.vmap(one)(params, batch_stats)
 
-    def evaluate(self, state: TrainState, *, probe: bool = False) -> dict[str, np.ndarray]:
-        """Test and train metrics with the running statistics, per run (numpy); with
-        ``recalibration_batches`` also with recalibrated ones (suffix ``_recalibrated``)."""
-        out = self._evaluate(state.params, state.batch_stats, probe)
-        if self.config.recalibration_batches:
-            stats = self.recalibrated_stats(state)
-            again = self._evaluate(state.params, stats, False)
-            out = {**out, **{f"{k}_recalibrated": v for k, v in again.items()}}
+    def evaluate(
+        self, state: TrainState, *, probe: bool = False, batch_stats: Any = None
+    ) -> dict[str, np.ndarray]:
+        """Test and train metrics per run (numpy), with the running statistics of ``state``
+        or, if given, with ``batch_stats`` instead."""
+        stats = state.batch_stats if batch_stats is None else batch_stats
+        out = self._evaluate(state.params, stats, probe)
         return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
-
-    def recalibrated_stats(self, state: TrainState) -> Any:
-        """Per run, the BN statistics pooled exactly over ``recalibration_batches`` batches."""
-        return self._recalibrated(state.params, state.batch_stats)
-
-    def _recalibrated_impl(self, params, batch_stats):
-        n, b = self.data.x_train.shape[0], self.config.batch_size
-
-        def one(params, batch_stats, key):
-            def batch_stats_fn(x):
-                with nn.intercept_methods(_momentum_zero):
-                    _, updates = self.eval_model.apply(
-                        {"params": params, "batch_stats": batch_stats}, x, train=True,
-                        rngs={"dropout": key}, mutable=["batch_stats"],
-                    )
-                return updates["batch_stats"]
-
-            def body(acc, k):
-                x = self.data.x_train[_batch_indices(key, k, n, b)]
-                return jaxbn.recalibration_update(acc, batch_stats_fn(x), b), None
-
-            acc, _ = jax.lax.scan(
-                body,
-                jaxbn.recalibration_init(batch_stats),
-                jnp.arange(self.config.recalibration_batches, dtype=jnp.int32),
-            )
-            return jaxbn.recalibration_result(acc)
-
-        return jax.vmap(one)(params, batch_stats, self.keys.recalibration)
-
-    # ---------------------------------------------------------------- gradient norms
-    def _grad_norms_impl(self, state: TrainState):
-        x, y = self._training_batch(jnp.int32(0))
-
-        def one(params, batch_stats, x, y, key):
-            def loss(params):
-                return _training_loss(self.eval_model, params, batch_stats, x, y, key)[0]
-
-            grads = jax.grad(loss)(params)
-            blocks = sorted((k for k in grads if k.startswith("block")), key=lambda k: int(k[5:]))
-            norms = []
-            for name in [*blocks, "head"]:
-                kernels = [
-                    g for path, g in jax.tree_util.tree_leaves_with_path(grads[name])
-                    if path[-1].key == "kernel"
-                ]
-                norms.append(jnp.sqrt(sum(jnp.sum(k**2) for k in kernels)))
-            return jnp.stack(norms)
-
-        return jax.vmap(one)(state.params, state.batch_stats, x, y, self.keys.dropout)
-
-    def grad_norms(self, state: TrainState) -> np.ndarray:
-        """(R, layers): the norm of each layer's kernel gradient on the first batch."""
-        return np.asarray(self._grad_norms(state), dtype=np.float64)

@@ -514,3 +514,19 @@ def test_resume_rejects_a_directory_without_recorded_options(tmp_path, capsys):
         main(["--resume", str(tmp_path)])
     assert re.search(r"argument --resume: .*/results.json: meta.options: expected the run's "
                      r"options \(an object\), got null", capsys.readouterr().err)
+
+
+def test_one_parse_gives_the_values_given_wherever_they_stand():
+    """What --resume compares with the recorded run: the values the command line gives itself,
+    before or after the command, without the defaults; 'all' expanded."""
+    from experiments.__main__ import _parse
+    from experiments.bench import DEFAULTS
+    from experiments.claims import CLAIM_IDS
+
+    _, args, given = _parse(["--seeds", "2", "run", "all", "--full", "--no-progress"])
+    assert given == {"seeds": 2, "claims": list(CLAIM_IDS), "full": True, "progress": False}
+    assert (args.devices, args.budget, args.checkpoint) == (1, 1.0, None)  # the defaults
+    assert _parse([])[2] == {}
+    _, args, given = _parse(["--quick", "bench"])  # the suite's --quick is the bench's
+    assert given == {"quick": True} and vars(args) == {**DEFAULTS, "quick": True,
+                                                       "command": "bench"}

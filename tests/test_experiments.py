@@ -368,3 +368,14 @@ def test_overhead_times_no_norm_jaxbn_and_flax_in_one_run(tmp_path, monkeypatch)
     assert ("| model | no norm ms | jaxbn ms | flax ms | jaxbn / no norm | flax / no norm | "
             "jaxbn / flax |") in report
     assert "| MLP | " in report
+
+
+def test_every_claim_is_a_claim_record_under_its_own_id():
+    from experiments.claims import CLAIM_IDS, Claim, load_claim
+
+    claims = [load_claim(claim_id) for claim_id in CLAIM_IDS]
+    assert all(isinstance(claim, Claim) for claim in claims)
+    assert [claim.id for claim in claims] == list(CLAIM_IDS)
+    assert all(claim.title and claim.sources and claim.how for claim in claims)
+    with_tables = {claim.id for claim in claims if claim.report_table is not None}
+    assert with_tables == {"batch-size", "recalibration", "overhead"}

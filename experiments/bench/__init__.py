@@ -37,6 +37,7 @@ and ``--processes 3`` for numbers to quote. On 2 CPU cores shared with other job
 with ``--processes 3`` 23 minutes.
 """
 
+from .command import DEFAULTS as DEFAULTS
 from .command import add_arguments as add_arguments
 from .command import measure as measure
 from .command import run_bench as run_bench
@@ -44,4 +45,4 @@ from .command import run_from_args as run_from_args
 from .spec import IMPLS as IMPLS
 from .spec import MODES as MODES
 
-__all__ = ["IMPLS", "MODES", "add_arguments", "measure", "run_bench", "run_from_args"]
+__all__ = ["DEFAULTS", "IMPLS", "MODES", "add_arguments", "measure", "run_bench", "run_from_args"]

@@ -3,8 +3,9 @@
 import argparse
 import sys
 
-from .command import add_arguments, run_from_args
+from .command import DEFAULTS, add_arguments, run_from_args
 
 parser = argparse.ArgumentParser(prog="python -m experiments.bench")
 add_arguments(parser)
+parser.set_defaults(**DEFAULTS)
 sys.exit(run_from_args(parser.parse_args()))

@@ -27,7 +27,7 @@ from .spec import (
 )
 from .worker import run_in_fresh_process
 
-__all__ = ["add_arguments", "measure", "run_bench", "run_from_args"]
+__all__ = ["DEFAULTS", "add_arguments", "measure", "run_bench", "run_from_args"]
 
 DESCRIPTION = (
     "Times jaxbn, flax (fast and two-pass variance) and an elementwise proxy side by side "
@@ -45,23 +45,33 @@ def _at_least_one(text: str) -> int:
     return int(text)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the bench's options (and description) to ``parser``."""
+# The bench's options when the command line leaves them out (add_arguments sets none, so a
+# parser with ``argument_default=SUPPRESS`` holds only what was given).
+DEFAULTS: dict[str, Any] = {"quick": False, "out": "results/bench", "processes": 1,
+                            "compile_processes": 3, "resnet_batch": None, "resnet_size": None}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """Adds the bench's options (and description) to ``parser``, without defaults
+    (:data:`DEFAULTS`); returns them."""
     parser.description = DESCRIPTION
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and rounds")
-    parser.add_argument("--out", default="results/bench", metavar="DIR",
-                        help="output directory (default results/bench)")
-    parser.add_argument("--processes", type=_at_least_one, default=1, metavar="N",
-                        help="take the timings in N fresh processes and report the median over "
-                        "them, with the range of the ratios (3 for numbers to quote; default 1)")
-    parser.add_argument("--compile-processes", type=_at_least_one, default=3, metavar="N",
-                        help="compile each training step in N fresh processes; the median is "
-                        "reported (default 3)")
-    parser.add_argument("--resnet-batch", type=_at_least_one, default=None, metavar="N",
-                        help="ResNet-50 batch size (default 64 on a GPU, 4 otherwise)")
-    parser.add_argument("--resnet-size", type=_at_least_one, default=None, metavar="N",
-                        help="ResNet-50 image height and width (default 224 on a GPU, 32 "
-                        "otherwise)")
+    return [
+        parser.add_argument("--quick", action="store_true", help="fewer shapes and rounds"),
+        parser.add_argument("--out", metavar="DIR",
+                            help="output directory (default results/bench)"),
+        parser.add_argument("--processes", type=_at_least_one, metavar="N",
+                            help="take the timings in N fresh processes and report the median "
+                            "over them, with the range of the ratios (3 for numbers to quote; "
+                            "default 1)"),
+        parser.add_argument("--compile-processes", type=_at_least_one, metavar="N",
+                            help="compile each training step in N fresh processes; the median "
+                            "is reported (default 3)"),
+        parser.add_argument("--resnet-batch", type=_at_least_one, metavar="N",
+                            help="ResNet-50 batch size (default 64 on a GPU, 4 otherwise)"),
+        parser.add_argument("--resnet-size", type=_at_least_one, metavar="N",
+                            help="ResNet-50 image height and width (default 224 on a GPU, 32 "
+                            "otherwise)"),
+    ]
 
 
 def run_from_args(args: argparse.Namespace) -> int:

@@ -1,19 +1,7 @@
 """One module per claim; each declares its runs (configs) and how its verdict is decided.
 
-A claim module defines:
-
-- ``ID``, ``CLAIM`` (the claim in one line), ``SOURCES`` (the seed articles that make it),
-  ``HOW`` (how it is tested);
-- ``configs(settings) -> dict[str, Config]``: its runs by arm (``Context.check`` checks them
-  all before anything trains);
-- ``run(ctx) -> dict``: trains its configs through ``ctx.train`` and returns its entry of
-  ``results.json`` (built with :func:`entry`);
-- ``plot(entry, fig)``: draws its figure from that entry alone, so plots can be remade from
-  ``results.json`` without re-running (``python -m experiments plot DIR``);
-- optionally ``report_table(entry) -> str``: a markdown table for report.md (and
-  docs/experiments.md).
-
-Its docstring gives the command, the runtime on 2 CPU cores and the expected result.
+A claim module ends with its :class:`Claim` record, ``CLAIM``, which :func:`load_claim` returns;
+the module's docstring gives the command, the runtime on 2 CPU cores and the expected result.
 """
 
 from __future__ import annotations
@@ -22,14 +10,15 @@ import dataclasses
 import importlib
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .. import verdict as verdict_lib
 
-__all__ = ["CLAIM_IDS", "Context", "Settings", "entry", "load_claim"]
+__all__ = ["CLAIM_IDS", "Claim", "Context", "Settings", "entry", "load_claim"]
 
 CHECKPOINTS_PER_RUN = 10  # with checkpoints on: about this many per group of runs, + the last
 
@@ -49,11 +38,30 @@ CLAIM_IDS = (
 )
 
 
-def load_claim(claim_id: str):
-    """The module of ``claim_id`` (e.g. ``"batch-size"`` → ``experiments.claims.batch_size``)."""
+class Claim(NamedTuple):
+    """A claim of the seed articles and how it is put to the test."""
+
+    id: str  # as the command line names it, e.g. "batch-size"
+    title: str  # the claim in one line
+    sources: Sequence[str]  # the seed articles that make it
+    how: str  # how it is tested
+    # Its runs by arm (Context.check checks them all before anything trains).
+    configs: Callable[[Settings], dict[str, Any]]
+    # Trains its configs through ctx.train; returns its entry of results.json (see entry).
+    run: Callable[[Context], dict[str, Any]]
+    # Draws its figure from that entry alone, so `python -m experiments plot DIR` remakes it.
+    plot: Callable[[dict[str, Any], Any], None]
+    # A markdown table of the entry for report.md (and docs/experiments.md), if the claim has one.
+    report_table: Callable[[dict[str, Any]], str] | None = None
+
+
+def load_claim(claim_id: str) -> Claim:
+    """The claim ``claim_id``: the ``CLAIM`` of its module (e.g. ``"batch-size"`` →
+    ``experiments.claims.batch_size``)."""
     if claim_id not in CLAIM_IDS:
         raise ValueError(f"Expected a claim in {CLAIM_IDS}, got {claim_id!r}.")
-    return importlib.import_module(f"{__name__}.{claim_id.replace('-', '_')}")
+    claim: Claim = importlib.import_module(f"{__name__}.{claim_id.replace('-', '_')}").CLAIM
+    return claim
 
 
 @dataclass(frozen=True)
@@ -173,7 +181,7 @@ def finite_or(values: np.ndarray, fallback: float) -> np.ndarray:
 
 def entry(
     *,
-    module: Any,
+    claim: Claim,
     metric: str,
     higher_is_better: bool,
     treatment: tuple[str, Any],
@@ -190,10 +198,10 @@ def entry(
     (t_label, t_values), (r_label, r_values) = treatment, reference
     verdict, reason = verdict_lib.compare(t_values, r_values, higher_is_better=higher_is_better)
     return _jsonable({
-        "id": module.ID,
-        "claim": module.CLAIM,
-        "sources": module.SOURCES,
-        "how": module.HOW,
+        "id": claim.id,
+        "claim": claim.title,
+        "sources": list(claim.sources),
+        "how": claim.how,
         "metric": metric,
         "higher_is_better": higher_is_better,
         "claim_direction": claim_direction

@@ -24,22 +24,13 @@ than BN if its correction toward the running statistics helps at this scale.
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import numpy as np
 
 from ..models import ghost_size
-from . import entry, finite_or
+from . import Claim, entry, finite_or
 from ._common import errorbar, generic
 
-ID = "batch-size"
-CLAIM = "BN is sensitive to the batch size: it degrades with small batches"
-SOURCES = ["000", "003"]
-HOW = (
-    "MLP 3x100 ReLU, Adam, fixed steps, batch 2 to 128/256: none / BN / BatchRenorm / "
-    "ghost BN / LayerNorm / GroupNorm; accuracy(largest batch) - accuracy(smallest batch), "
-    "BN vs none"
-)
 NORMS = {
     "none": "no norm",
     "bn": "BN",
@@ -86,7 +77,7 @@ def run(ctx):
         for norm, a in acc.items()
     }
     return entry(
-        module=sys.modules[__name__],
+        claim=CLAIM,
         metric=(
             f"test accuracy at batch {sizes[-1]} minus at batch {sizes[0]} "
             "(higher = more sensitive, as claimed for BN)"
@@ -146,3 +137,17 @@ def report_table(result) -> str:
         cells = " | ".join(f"{table[label][b]:.3f}" for b in sizes)
         lines.append(f"| {label} | {cells} | {np.mean(degradation[norm]):+.3f} |")
     return "\n".join(lines)
+
+
+CLAIM = Claim(
+    id="batch-size",
+    title="BN is sensitive to the batch size: it degrades with small batches",
+    sources=("000", "003"),
+    how="MLP 3x100 ReLU, Adam, fixed steps, batch 2 to 128/256: none / BN / BatchRenorm / "
+        "ghost BN / LayerNorm / GroupNorm; accuracy(largest batch) - accuracy(smallest batch), "
+        "BN vs none",
+    configs=configs,
+    run=run,
+    plot=plot,
+    report_table=report_table,
+)

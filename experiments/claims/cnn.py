@@ -15,18 +15,12 @@ Expected if the claim holds: a higher final accuracy with BN.
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import numpy as np
 
 from .. import verdict as verdict_lib
-from . import entry
+from . import Claim, entry
 from ._common import generic, plot_accuracy_curves, steps_to_target
-
-ID = "cnn"
-CLAIM = "BN in convolutional networks gives higher accuracy in fewer epochs"
-SOURCES = ["000", "003", "004"]
-HOW = "small CNN (1-D conv on MNIST-1D), Adam, with/without BN after each conv; final test accuracy"
 
 
 def configs(settings):
@@ -48,7 +42,7 @@ def run(ctx):
         to_target["bn"], to_target["none"], higher_is_better=False
     )
     return entry(
-        module=sys.modules[__name__],
+        claim=CLAIM,
         metric="final test accuracy (higher is better)",
         higher_is_better=True,
         treatment=("CNN with BN", acc["bn"][-1]),
@@ -69,3 +63,14 @@ def run(ctx):
 def plot(result, fig):
     plot_accuracy_curves(result, fig, {"none": "CNN, no BN", "bn": "CNN + BN"}, "cnn")
 
+
+CLAIM = Claim(
+    id="cnn",
+    title="BN in convolutional networks gives higher accuracy in fewer epochs",
+    sources=("000", "003", "004"),
+    how="small CNN (1-D conv on MNIST-1D), Adam, with/without BN after each conv; final test "
+    "accuracy",
+    configs=configs,
+    run=run,
+    plot=plot,
+)

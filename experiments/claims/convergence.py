@@ -14,20 +14,11 @@ Expected if the claim holds: BN reaches the target in clearly fewer steps.
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import numpy as np
 
-from . import entry
+from . import Claim, entry
 from ._common import ioffe, plot_accuracy_curves, steps_to_target
-
-ID = "convergence"
-CLAIM = "BN trains faster: fewer steps to reach a given accuracy"
-SOURCES = ["000", "001", "002", "004"]
-HOW = (
-    "Ioffe & Szegedy's MLP (3x100 sigmoid, SGD lr 0.1, batch 60) with/without BN; steps to "
-    "reach 90% of the better arm's final test accuracy"
-)
 
 
 def configs(settings):
@@ -43,7 +34,7 @@ def run(ctx):
     target = 0.9 * max(finals.values())
     to_target = {arm: steps_to_target(steps, a, target) for arm, a in acc.items()}
     return entry(
-        module=sys.modules[__name__],
+        claim=CLAIM,
         metric="steps to reach the target test accuracy (lower is better)",
         higher_is_better=False,
         treatment=("BN", to_target["bn"]),
@@ -64,3 +55,14 @@ def run(ctx):
 def plot(result, fig):
     plot_accuracy_curves(result, fig, {"none": "no BN", "bn": "BN"}, "convergence")
 
+
+CLAIM = Claim(
+    id="convergence",
+    title="BN trains faster: fewer steps to reach a given accuracy",
+    sources=("000", "001", "002", "004"),
+    how="Ioffe & Szegedy's MLP (3x100 sigmoid, SGD lr 0.1, batch 60) with/without BN; steps to "
+        "reach 90% of the better arm's final test accuracy",
+    configs=configs,
+    run=run,
+    plot=plot,
+)

@@ -16,21 +16,11 @@ Expected if the claim holds: a much smaller drift with BN.
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 
 from .. import verdict as verdict_lib
-from . import entry
+from . import Claim, entry
 from .convergence import configs
-
-ID = "covariate-shift"
-CLAIM = "BN reduces internal covariate shift: a layer's input distribution stays stable"
-SOURCES = ["002"]
-HOW = (
-    "Figure 1(b,c) of the paper: 15/50/85th percentiles of the last hidden layer's sigmoid "
-    "inputs over training; shift = |last - first|, mean over units and percentiles"
-)
 
 
 def shift(percentiles: np.ndarray) -> np.ndarray:
@@ -52,7 +42,7 @@ def run(ctx):
         paths["bn"], paths["none"], higher_is_better=False
     )
     return entry(
-        module=sys.modules[__name__],
+        claim=CLAIM,
         metric="net shift of the sigmoid-input percentiles over training (lower is more stable)",
         higher_is_better=False,
         treatment=("BN", shifts["bn"]),
@@ -84,3 +74,15 @@ def plot(result, fig):
         ax.set_xlabel("step")
     axes[0].set_ylabel("input to one sigmoid (test set)")
     axes[0].legend(fontsize=8)
+
+
+CLAIM = Claim(
+    id="covariate-shift",
+    title="BN reduces internal covariate shift: a layer's input distribution stays stable",
+    sources=("002",),
+    how="Figure 1(b,c) of the paper: 15/50/85th percentiles of the last hidden layer's sigmoid "
+        "inputs over training; shift = |last - first|, mean over units and percentiles",
+    configs=configs,
+    run=run,
+    plot=plot,
+)

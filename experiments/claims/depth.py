@@ -15,20 +15,11 @@ gradient norms vary less across layers.
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import numpy as np
 
-from . import entry, finite_or
+from . import Claim, entry, finite_or
 from ._common import errorbar, generic
-
-ID = "depth"
-CLAIM = "BN improves gradient propagation, so deeper networks train"
-SOURCES = ["000", "001", "002"]
-HOW = (
-    "MLPs width 64 ReLU, SGD momentum lr 0.01, depth 2 to 20 (quick) / 50 (full) with/without "
-    "BN; final test accuracy at the deepest depth; per-layer gradient norms at init"
-)
 
 
 def depth_sweep(settings):
@@ -62,7 +53,7 @@ def run(ctx):
         for norm in ("none", "bn")
     }
     return entry(
-        module=sys.modules[__name__],
+        claim=CLAIM,
         metric=f"final test accuracy at depth {depths[-1]} (higher is better)",
         higher_is_better=True,
         treatment=("BN", acc["bn"][-1]),
@@ -95,3 +86,15 @@ def plot(result, fig):
     ax2.set_xlabel(f"layer (depth {depths[-1]}; last = classifier)")
     ax2.set_ylabel("kernel gradient norm at init")
     ax2.legend(fontsize=8)
+
+
+CLAIM = Claim(
+    id="depth",
+    title="BN improves gradient propagation, so deeper networks train",
+    sources=("000", "001", "002"),
+    how="MLPs width 64 ReLU, SGD momentum lr 0.01, depth 2 to 20 (quick) / 50 (full) with/without "
+        "BN; final test accuracy at the deepest depth; per-layer gradient norms at init",
+    configs=configs,
+    run=run,
+    plot=plot,
+)

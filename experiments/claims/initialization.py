@@ -14,20 +14,11 @@ Expected if the claim holds: a much smaller spread with BN.
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import numpy as np
 
-from . import entry
+from . import Claim, entry
 from ._common import final_by_sweep, generic, plot_sweep
-
-ID = "initialization"
-CLAIM = "BN reduces the dependence on weight initialization"
-SOURCES = ["000", "002"]
-HOW = (
-    "MLP 3x100 ReLU, SGD lr 0.1; initial kernels scaled over 3 decades with/without BN; "
-    "spread (max - min) of final test accuracy across scales"
-)
 
 
 def configs(settings):
@@ -46,7 +37,7 @@ def run(ctx):
     final, diverged = final_by_sweep(results, len(scales), chance)
     spread = {arm: f.max(0) - f.min(0) for arm, f in final.items()}
     return entry(
-        module=sys.modules[__name__],
+        claim=CLAIM,
         metric="spread of final test accuracy across init scales (lower is better)",
         higher_is_better=False,
         treatment=("BN", spread["bn"]),
@@ -63,3 +54,14 @@ def run(ctx):
 def plot(result, fig):
     plot_sweep(result, fig, "init_scales", "init scale (x LeCun normal)", "initialization sweep")
 
+
+CLAIM = Claim(
+    id="initialization",
+    title="BN reduces the dependence on weight initialization",
+    sources=("000", "002"),
+    how="MLP 3x100 ReLU, SGD lr 0.1; initial kernels scaled over 3 decades with/without BN; "
+        "spread (max - min) of final test accuracy across scales",
+    configs=configs,
+    run=run,
+    plot=plot,
+)

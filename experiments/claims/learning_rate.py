@@ -16,20 +16,11 @@ Expected if the claim holds: a larger usable learning rate with BN.
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import numpy as np
 
-from . import entry
+from . import Claim, entry
 from ._common import final_by_sweep, generic, plot_sweep
-
-ID = "learning-rate"
-CLAIM = "BN allows higher learning rates"
-SOURCES = ["000", "002"]
-HOW = (
-    "MLP 3x100 ReLU, SGD, lr swept over >= 3 decades with/without BN; largest lr reaching "
-    "90% of the best accuracy in the sweep (diverged = chance)"
-)
 
 
 def configs(settings):
@@ -54,7 +45,7 @@ def run(ctx):
         largest = np.where(ok, np.log10(lrs)[:, None], -np.inf).max(0)
         usable[arm] = np.where(np.isfinite(largest), largest, np.log10(lrs[0]) - 1)
     return entry(
-        module=sys.modules[__name__],
+        claim=CLAIM,
         metric="log10 of the largest learning rate reaching the target accuracy (higher is better)",
         higher_is_better=True,
         treatment=("BN", usable["bn"]),
@@ -72,3 +63,14 @@ def run(ctx):
 def plot(result, fig):
     plot_sweep(result, fig, "learning_rates", "learning rate (SGD)", "learning-rate sweep")
 
+
+CLAIM = Claim(
+    id="learning-rate",
+    title="BN allows higher learning rates",
+    sources=("000", "002"),
+    how="MLP 3x100 ReLU, SGD, lr swept over >= 3 decades with/without BN; largest lr reaching "
+        "90% of the best accuracy in the sweep (diverged = chance)",
+    configs=configs,
+    run=run,
+    plot=plot,
+)

@@ -19,21 +19,13 @@ than flax's is reported, not judged.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 
 import numpy as np
 
-from . import entry
+from . import Claim, entry
 from ._common import generic
 
-ID = "overhead"
-CLAIM = "BN adds computational overhead"
-SOURCES = ["000"]
-HOW = (
-    "step time of the MLP and the CNN with no norm, jaxbn and flax.linen.BatchNorm, one "
-    "process, rounds of 50 compiled steps per arm; seconds per MLP step, jaxbn vs no norm"
-)
 CHUNK = 50
 MODELS = {"mlp": "MLP", "cnn": "CNN"}
 NORMS = {"none": "no norm", "bn": "jaxbn", "flax-bn": "flax"}
@@ -62,7 +54,7 @@ def run(ctx):
     repeats = ctx.settings.pick(7, 15)
     trainers, states = {}, {}
     for arm, config in cfgs.items():
-        trainers[arm] = Trainer(ctx.prepare(config, claim=ID, arm=arm),
+        trainers[arm] = Trainer(ctx.prepare(config, claim=CLAIM.id, arm=arm),
                                 ctx.dataset(config.dataset))
         state, losses = trainers[arm].chunk(trainers[arm].init(), 0, CHUNK)  # compile, warm up
         losses.block_until_ready()
@@ -82,7 +74,7 @@ def run(ctx):
         for model in MODELS
     }
     return entry(
-        module=sys.modules[__name__],
+        claim=CLAIM,
         metric="seconds per MLP training step (higher = more overhead, as claimed)",
         higher_is_better=True,
         treatment=("MLP with jaxbn", times["mlp-bn"]),
@@ -140,3 +132,16 @@ def plot(result, fig):
         ax.set_title(f"{label}: " + ", ".join(
             f"{_ratio_label(n)} {r['median']:.2f}x" for n, r in d["ratios"][model].items()),
             fontsize=8)
+
+
+CLAIM = Claim(
+    id="overhead",
+    title="BN adds computational overhead",
+    sources=("000",),
+    how="step time of the MLP and the CNN with no norm, jaxbn and flax.linen.BatchNorm, one "
+        "process, rounds of 50 compiled steps per arm; seconds per MLP step, jaxbn vs no norm",
+    configs=configs,
+    run=run,
+    plot=plot,
+    report_table=report_table,
+)

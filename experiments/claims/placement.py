@@ -12,15 +12,9 @@ Expected if seed 004's tip holds: a higher accuracy with BN after the activation
 from __future__ import annotations
 
 import dataclasses
-import sys
 
-from . import entry
+from . import Claim, entry
 from ._common import generic, plot_accuracy_curves
-
-ID = "placement"
-CLAIM = "BN works better after the activation than before it (seed 004's tip)"
-SOURCES = ["004"]
-HOW = "MLP 3x100 ReLU, Adam: BN before vs after each ReLU, same budget; final test accuracy"
 
 
 def configs(settings):
@@ -34,7 +28,7 @@ def configs(settings):
 def run(ctx):
     results = {arm: ctx.train(c, arm=arm) for arm, c in configs(ctx.settings).items()}
     return entry(
-        module=sys.modules[__name__],
+        claim=CLAIM,
         metric="final test accuracy (higher is better)",
         higher_is_better=True,
         treatment=("BN after activation", results["after"].final("test_accuracy")),
@@ -54,3 +48,13 @@ def plot(result, fig):
         result, fig, {"before": "BN before ReLU", "after": "BN after ReLU"}, "placement"
     )
 
+
+CLAIM = Claim(
+    id="placement",
+    title="BN works better after the activation than before it (seed 004's tip)",
+    sources=("004",),
+    how="MLP 3x100 ReLU, Adam: BN before vs after each ReLU, same budget; final test accuracy",
+    configs=configs,
+    run=run,
+    plot=plot,
+)

@@ -37,22 +37,13 @@ neither statistic reproduces).
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import numpy as np
 
 from .. import verdict as verdict_lib
-from . import entry, finite_or
+from . import Claim, entry, finite_or
 from ._common import generic, plot_curves
 
-ID = "recalibration"
-CLAIM = "BN statistics recalibrated with the final weights beat the EMA running statistics"
-SOURCES = ["Wu & Johnson 2021 (not a seed article)"]
-HOW = (
-    "MLP 3x100 ReLU + BN, Adam, fixed steps; batch 60 with momentum 0.9/0.99/0.999 and batch "
-    "4 with momentum 0.9; test accuracy with the EMA statistics vs recalibrated exactly over "
-    "~1,000 training examples (jaxbn.recalibration_update, momentum-0 forwards)"
-)
 RECALIBRATION_EXAMPLES = 1024
 # arm -> (batch size, BN momentum); the first is the primary arm the verdict is on.
 ARMS = {
@@ -104,7 +95,7 @@ def run(ctx):
     primary = results[PRIMARY]
     batch, momentum = ARMS[PRIMARY]
     return entry(
-        module=sys.modules[__name__],
+        claim=CLAIM,
         metric=(
             f"final test accuracy at batch {batch}, BN momentum {momentum}, "
             f"{primary.config.steps} steps: recalibrated vs EMA statistics"
@@ -182,3 +173,17 @@ def report_table(result) -> str:
 def _pm(arm) -> str:
     half = arm["ci95"]
     return f"{arm['mean']:.3f} ± " + ("n/a" if half is None or np.isnan(half) else f"{half:.2g}")
+
+
+CLAIM = Claim(
+    id="recalibration",
+    title="BN statistics recalibrated with the final weights beat the EMA running statistics",
+    sources=("Wu & Johnson 2021 (not a seed article)",),
+    how="MLP 3x100 ReLU + BN, Adam, fixed steps; batch 60 with momentum 0.9/0.99/0.999 and batch "
+        "4 with momentum 0.9; test accuracy with the EMA statistics vs recalibrated exactly over "
+        "~1,000 training examples (jaxbn.recalibration_update, momentum-0 forwards)",
+    configs=configs,
+    run=run,
+    plot=plot,
+    report_table=report_table,
+)

@@ -14,21 +14,13 @@ Expected if the claim holds: a smaller gap with BN than without.
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import numpy as np
 
 from .. import verdict as verdict_lib
-from . import entry
+from . import Claim, entry
 from ._common import generic
 
-ID = "regularization"
-CLAIM = "BN has a regularizing effect (smaller train/test gap) and may replace dropout"
-SOURCES = ["000", "002", "004"]
-HOW = (
-    "MLP 3x100 ReLU, Adam, 500 training examples: none / dropout 0.5 / BN / BN+dropout; "
-    "train - test accuracy gap at the end"
-)
 ARMS = {"none": "no norm", "dropout": "dropout", "bn": "BN", "bn+dropout": "BN + dropout"}
 
 
@@ -53,7 +45,7 @@ def run(ctx):
         test["bn"], test["dropout"], higher_is_better=True
     )
     return entry(
-        module=sys.modules[__name__],
+        claim=CLAIM,
         metric="train accuracy - test accuracy at the end (lower is better)",
         higher_is_better=False,
         treatment=("BN", gap["bn"]),
@@ -92,3 +84,15 @@ def plot(result, fig):
     ax2.set_xticks(range(1, len(labels) + 1), labels, fontsize=8)
     ax2.set_ylabel("train - test accuracy")
     ax2.set_title(f"gap ({d['dataset']})")
+
+
+CLAIM = Claim(
+    id="regularization",
+    title="BN has a regularizing effect (smaller train/test gap) and may replace dropout",
+    sources=("000", "002", "004"),
+    how="MLP 3x100 ReLU, Adam, 500 training examples: none / dropout 0.5 / BN / BN+dropout; "
+        "train - test accuracy gap at the end",
+    configs=configs,
+    run=run,
+    plot=plot,
+)

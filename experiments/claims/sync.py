@@ -24,16 +24,9 @@ import sys
 
 import numpy as np
 
-from . import entry
+from . import Claim, entry
 from ._common import generic, plot_accuracy_curves
 
-ID = "sync"
-CLAIM = "Synchronized BN statistics matter when each device holds a small batch"
-SOURCES = ["000"]
-HOW = (
-    "MLP 3x100 ReLU + BN, Adam, 8 devices x 4 examples: per-device vs synchronized statistics "
-    "(vs one device, batch 32); final test accuracy"
-)
 DEVICES = 8
 
 
@@ -47,10 +40,10 @@ def configs(settings):
 
 
 def _in_subprocess(ctx):
-    out = os.path.join(ctx.out, ID, "subprocess")
+    out = os.path.join(ctx.out, CLAIM.id, "subprocess")
     s = ctx.settings
     resumable = s.resume and os.path.isfile(os.path.join(out, "results.json"))
-    command = [sys.executable, "-m", "experiments", "run", ID, "--devices", str(DEVICES),
+    command = [sys.executable, "-m", "experiments", "run", CLAIM.id, "--devices", str(DEVICES),
                "--resume" if resumable else "--out", out, "--quick" if s.quick else "--full",
                "--seeds", str(len(s.seed_list)), "--budget", str(s.budget), "--no-progress",
                "--checkpoint" if s.checkpoint else "--no-checkpoint"]
@@ -58,7 +51,7 @@ def _in_subprocess(ctx):
         command += ["--dataset", s.dataset]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     with open(os.path.join(out, "results.json")) as f:
-        return json.load(f)["claims"][ID]
+        return json.load(f)["claims"][CLAIM.id]
 
 
 def run(ctx):
@@ -70,7 +63,7 @@ def run(ctx):
     acc = {arm: r.metrics["test_accuracy"] for arm, r in results.items()}
     diff = float(np.nanmax(np.abs(acc["synchronized"] - acc["one-device"])))
     return entry(
-        module=sys.modules[__name__],
+        claim=CLAIM,
         metric="final test accuracy (higher is better)",
         higher_is_better=True,
         treatment=("synchronized BN (8x4)", acc["synchronized"][-1]),
@@ -92,3 +85,14 @@ def plot(result, fig):
               "one-device": "one device, batch 32"}
     plot_accuracy_curves(result, fig, labels, "sync")
 
+
+CLAIM = Claim(
+    id="sync",
+    title="Synchronized BN statistics matter when each device holds a small batch",
+    sources=("000",),
+    how="MLP 3x100 ReLU + BN, Adam, 8 devices x 4 examples: per-device vs synchronized statistics "
+        "(vs one device, batch 32); final test accuracy",
+    configs=configs,
+    run=run,
+    plot=plot,
+)
