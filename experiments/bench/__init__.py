@@ -15,9 +15,10 @@ round and the median over rounds is reported. The bench measures:
   bytes over the input's, and any float32 array of a bfloat16 input's size;
 - the achieved memory bandwidth at the largest shape (counted bytes over time), against
   the device's peak on a known GPU;
-- the training step of a 20-layer MLP (no norm, jaxbn, flax) and of ResNet-50 (jaxbn, flax),
-  interleaved, and the XLA compile time of each step, from cold caches in fresh processes
-  (:mod:`~experiments.bench.networks`);
+- the training step of a 20-layer MLP (no norm, jaxbn, flax) and of ResNet-50 (no norm,
+  jaxbn, flax, and flax's converted by ``jaxbn.linen.convert_batch_norm``: its ratio to
+  jaxbn is what the conversion costs), interleaved, and the XLA compile and trace+lower
+  time of each step, from cold caches in fresh processes (:mod:`~experiments.bench.networks`);
 - folding: inference of a small CNN with eval-mode BN against the same CNN with every BN
   folded into its conv by ``jaxbn.fold_conv``, and their largest difference.
 

@@ -33,7 +33,8 @@ DESCRIPTION = (
     "Times jaxbn, flax (fast and two-pass variance) and an elementwise proxy side by side "
     "(training forward, forward+backward, eval), counts full-tensor passes (also under vmap) "
     "and collectives in the optimized HLO, derives the achieved memory bandwidth, times the "
-    "training steps of a 20-layer MLP and of ResNet-50, their compile times (each in a fresh "
+    "training steps of a 20-layer MLP and of ResNet-50 (also written with flax's BatchNorm and "
+    "converted by jaxbn.linen.convert_batch_norm), their compile times (each in a fresh "
     "process), and BN folding. Writes DIR/bench.json and DIR/bench.png."
 )
 

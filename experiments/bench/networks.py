@@ -3,8 +3,9 @@
 The MLP (20 blocks of Dense → norm → relu, adam) is where per-layer overhead shows; ResNet-50
 (:data:`experiments.models.ResNet50`, SGD with Nesterov momentum, as flax's ImageNet example)
 is the network users train. Each is built with :class:`jaxbn.linen.BatchNorm` or
-:class:`flax.linen.BatchNorm` (the MLP also with no norm), and trained by the same step:
-cross-entropy loss, ``batch_stats`` mutable, one optimizer update.
+:class:`flax.linen.BatchNorm` (the MLP also with no norm; ResNet-50 also with flax's
+BatchNorm and then converted by :func:`jaxbn.linen.convert_batch_norm`), and trained by the
+same step: cross-entropy loss, ``batch_stats`` mutable, one optimizer update.
 """
 
 from __future__ import annotations
@@ -116,8 +117,10 @@ def _problem(
         stage_sizes=tuple(config["stage_sizes"]),
         num_filters=config["num_filters"],
         num_classes=config["num_classes"],
-        norm=NORM_CLASSES[norm],
+        norm=NORM_CLASSES["flax" if norm == "converted" else norm],
     )
+    if norm == "converted":  # written with flax's BatchNorm, run with jaxbn's
+        network = jaxbn.linen.convert_batch_norm(network)
     return network, tx, (config["batch"], config["size"], config["size"], 3)
 
 
@@ -158,7 +161,8 @@ def _step_inputs(
 def step_timings(
     rounds: int, mlp: dict[str, Any] | None = None, resnet: dict[str, Any] | None = None
 ) -> dict[str, dict[str, Any]]:
-    """Training-step times of the MLP (no norm, jaxbn, flax) and of ResNet-50 (jaxbn, flax).
+    """Training-step times of the MLP (no norm, jaxbn, flax) and of ResNet-50 (no norm,
+    jaxbn, flax, flax's converted).
 
     Args:
       rounds: rounds of interleaved timing per network.
@@ -167,7 +171,8 @@ def step_timings(
 
     Returns:
       Per network: its ``config``, the median ``ms`` per norm, and the median per-round
-      ratios ``jaxbn_over_flax`` (and, for the MLP, ``jaxbn_over_none``, ``flax_over_none``).
+      ratios ``jaxbn_over_flax``, ``jaxbn_over_none``, ``flax_over_none`` (and, for
+      ResNet-50, ``converted_over_jaxbn``).
     """
     out = {}
     for model, overrides in (("mlp", mlp), ("resnet50", resnet)):
@@ -199,7 +204,7 @@ def compile_time(model: str, norm: str, config: dict[str, Any] | None = None) ->
 
     Args:
       model: ``"mlp"`` or ``"resnet50"``.
-      norm: ``"jaxbn"``, ``"flax"``, or (the MLP only) ``"none"``.
+      norm: ``"jaxbn"``, ``"flax"``, ``"none"``, or (ResNet-50 only) ``"converted"``.
       config: overrides of the model's :func:`step_config`.
 
     Returns:

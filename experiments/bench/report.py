@@ -118,7 +118,7 @@ def _print_steps(steps: dict[str, Any]) -> None:
         times = ", ".join(f"{norm} {ms:.2f} ms" for norm, ms in step["ms"].items())
         ratios = "; ".join(
             f"{key.replace('_over_', '/')} {_ratio(step, key, 3)}"
-            for key in step if key.endswith(("_over_flax", "_over_none"))
+            for key in step if key.endswith(("_over_flax", "_over_none", "_over_jaxbn"))
         )
         print(f"  {_label(model, step['config'])}: {times}; {ratios}")
 
@@ -136,7 +136,8 @@ def _print_compile(compile_times: dict[str, Any], steps: dict[str, Any], process
             ratios = "; ".join(
                 f"{key.removeprefix(stage + '_').replace('_over_', '/')} {_ratio(times, key)}"
                 for key in times
-                if key.startswith(stage + "_") and key.endswith(("_over_flax", "_over_none"))
+                if key.startswith(stage + "_")
+                and key.endswith(("_over_flax", "_over_none", "_over_jaxbn"))
             )
             parts.append(f"{name}: {seconds}; {ratios}")
         print(f"  {_label(model, steps[model]['config'])}\n    " + "\n    ".join(parts))
