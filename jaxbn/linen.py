@@ -21,6 +21,7 @@ from flax.linen import initializers
 from flax.typing import Dtype, Initializer
 
 from ._adapter import (
+    as_read,
     check_use_running_average,
     check_variables,
     normalize_with_fields,
@@ -166,7 +167,7 @@ class BatchNorm(nn.Module):
         initializing = self.is_initializing()
         y, new_state = normalize_with_fields(
             self,
-            x.astype(wider_float(x.dtype, out_dtype)),
+            as_read(x, wider_float(x.dtype, out_dtype)),
             scale,
             bias,
             ra_mean.value,
@@ -176,6 +177,7 @@ class BatchNorm(nn.Module):
             axis_name=None if initializing else self.axis_name,
             axis_index_groups=None if initializing else self.axis_index_groups,
             mask=mask,
+            out_dtype=out_dtype,
         )
         if not use_running_average and not initializing:
             ra_mean.value = stored(new_state.mean, ra_mean.value)
