@@ -23,8 +23,8 @@ __all__ = [
     "compute_dtype",
     "multiplier",
     "normalize_eval",
-    "output_dtype",
     "scale_shift",
+    "y_dtype",
 ]
 
 
@@ -81,7 +81,7 @@ def scale_shift(
 ) -> jax.Array:
     """``y = (x - mean) · mul + bias`` in ``dtype``, returned in ``out_dtype``.
 
-    ``out_dtype`` None is :func:`output_dtype`'s default: ``x``'s dtype (or ``dtype`` when
+    ``out_dtype`` None is :func:`y_dtype`'s default: ``x``'s dtype (or ``dtype`` when
     only it is complex: a real ``x`` with complex parameters gives a complex ``y``).
 
     One fused elementwise pass. Subtracting the mean before scaling (rather than adding a
@@ -91,10 +91,10 @@ def scale_shift(
     y = (x.astype(dtype) - mean.astype(dtype)) * mul.astype(dtype)
     if bias is not None:
         y = y + bias.astype(dtype)
-    return y.astype(output_dtype(x.dtype, dtype, out_dtype))
+    return y.astype(y_dtype(x.dtype, dtype, out_dtype))
 
 
-def output_dtype(x_dtype: Any, dtype: Any, out_dtype: Any = None) -> np.dtype:
+def y_dtype(x_dtype: Any, dtype: Any, out_dtype: Any = None) -> np.dtype:
     """The dtype of ``y``: ``out_dtype`` if given, else ``x_dtype``, made complex when the
     computation ``dtype`` is (a real ``x`` with complex parameters gives a complex ``y``)."""
     if out_dtype is not None:
@@ -113,7 +113,7 @@ def normalize_eval(
     out_dtype: Any = None,
 ) -> jax.Array:
     """Evaluation: ``(x - mean) · (scale · rsqrt(var + eps)) + bias`` in one fused pass,
-    written in ``out_dtype`` (None: :func:`output_dtype`'s default).
+    written in ``out_dtype`` (None: :func:`y_dtype`'s default).
 
     The feature-shaped ``mean``, ``var`` and ``params`` are reshaped to broadcast against
     ``x``; per-example ``params`` (of ``x``'s rank) broadcast as they are. Plain JAX

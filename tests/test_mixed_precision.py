@@ -13,6 +13,9 @@ What must hold (docs/mixed-precision.md):
 
 from __future__ import annotations
 
+import pathlib
+import re
+
 import _reference as ref
 import equinox as eqx
 import flax.linen as nn
@@ -271,3 +274,12 @@ def test_an_output_dtype_that_is_not_floating_is_rejected():
     params, state = jaxbn.init(FEATURES)
     with pytest.raises(TypeError, match=r"`dtype` \(the output's\) must be None .* got .*int32"):
         jaxbn.batch_norm(x, params, state, training=True, dtype=jnp.int32)
+
+
+def test_the_guide_example_runs_and_keeps_only_x():
+    guide = pathlib.Path(__file__).resolve().parents[1] / "docs" / "mixed-precision.md"
+    (block,) = re.findall(r"```python\n(.*?)```", guide.read_text(), flags=re.DOTALL)
+    namespace: dict = {}
+    with standard():
+        exec(compile(block, str(guide), "exec"), namespace)  # its asserts are the claims
+    assert namespace["y"].dtype == jnp.float32 and namespace["y16"].dtype == jnp.bfloat16
