@@ -182,8 +182,8 @@ def step_timings(
       Per network: its ``config``, the median ``ms`` per norm, the median per-round ratios
       ``jaxbn_over_flax``, ``jaxbn_over_none`` and ``flax_over_none``; ``losses``: per
       norm but "none", the losses of :data:`TRAJECTORY_STEPS` training steps from the same
-      variables and batch; ``loss_max_rel_diff``: the largest ``|jaxbn - flax| / |flax|``
-      along them.
+      variables and batch; ``loss_max_rel_diff``: the largest ``|jaxbn - flax|`` along
+      them, over flax's first loss.
     """
     out = {}
     for model, overrides in (("mlp", mlp), ("resnet50", resnet), ("resnet50_bf16", resnet)):
@@ -205,9 +205,10 @@ def step_timings(
             **{f"{a}_over_{b}": median_ratio(samples[a], samples[b])
                for a, b in RATIOS if a in samples and b in samples},
             "losses": losses,
+            # Relative to flax's first loss: a loss trained to 0 leaves nothing to divide by.
             "loss_max_rel_diff": max(
-                abs(a - b) / abs(b) for a, b in zip(losses["jaxbn"], losses["flax"], strict=True)
-            ),
+                abs(a - b) for a, b in zip(losses["jaxbn"], losses["flax"], strict=True)
+            ) / abs(losses["flax"][0]),
         }
     return out
 

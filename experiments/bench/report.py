@@ -124,7 +124,7 @@ def _print_steps(steps: dict[str, Any]) -> None:
         )
         print(f"  {_label(model, step['config'])}: {times}; {ratios}; loss over "
               f"{len(step['losses']['flax'])} steps within {step['loss_max_rel_diff']:.1e} "
-              f"of flax's (relative)")
+              f"of flax's (of its first loss)")
 
 
 def _print_compile(compile_times: dict[str, Any], steps: dict[str, Any], processes: int) -> None:
