@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from ._batch_norm import batch_norm
@@ -22,6 +23,7 @@ from ._state import BatchStats
 
 __all__ = [
     "Fields",
+    "as_read",
     "bound_normalizer",
     "check_features",
     "check_use_running_average",
@@ -79,8 +81,12 @@ def normalize_with_fields(
     axis_name: Any,
     axis_index_groups: Any,
     mask: jax.Array | None,
+    out_dtype: Any = None,
 ) -> tuple[jax.Array, BatchStats]:
     """Normalizes ``x`` as a module with ``fields`` does, from its stored statistics.
+
+    ``y`` is written in ``out_dtype`` (None: ``x``'s) by the core itself, which reads ``x``
+    in its own dtype: pass ``x`` unwidened (:func:`as_read`).
 
     ``mean`` and ``var`` are the stored running statistics (widened to float32 or more for
     the core; the mean made complex for a complex ``x``, as flax's becomes after a complex
@@ -125,8 +131,23 @@ def normalize_with_fields(
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
         mask=mask,
+        dtype=out_dtype,
     )
     return (y[0] if unbatched else y), new_state
+
+
+def as_read(x: jax.Array, promoted: Any) -> jax.Array:
+    """``x`` as the core is to read it, where flax would promote it to ``promoted``.
+
+    A floating or complex ``x`` that ``promoted`` holds exactly stays in its own dtype: the
+    core widens it inside its kernels, so a bfloat16 ``x`` with float32 parameters keeps no
+    float32 copy of itself for the backward. Any other ``x`` is cast to ``promoted`` as flax
+    casts it (an integer ``x``, or a float32 ``x`` that ``dtype=bfloat16`` rounds first).
+    """
+    promoted = np.dtype(promoted)
+    if jnp.issubdtype(x.dtype, jnp.inexact) and wider_float(x.dtype, promoted) == promoted:
+        return x
+    return x.astype(promoted)
 
 
 def check_use_running_average(value: Any) -> bool:

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.typing import ArrayLike
+from jax.typing import ArrayLike, DTypeLike
 
 from . import _checks
 from ._checks import AxisName
@@ -41,6 +41,7 @@ def batch_norm(
     virtual_batch_size: int | None = None,
     debias: bool = False,
     unbiased_running_var: bool = False,
+    dtype: DTypeLike | None = None,
 ) -> tuple[jax.Array, BatchStats]:
     r"""Batch normalization (Ioffe & Szegedy, 2015) as a pure function of explicit state.
 
@@ -60,7 +61,12 @@ def batch_norm(
     state is returned as given.
 
     Statistics are computed in float32 (or wider, for float64 input) whatever the input
-    dtype; the output has the dtype of ``x``. Each device takes two passes over ``x``
+    dtype; the output has the dtype of ``x``, or ``dtype`` when given. Mixed precision
+    (a bfloat16 or float16 ``x`` with float32 ``params``, ``dtype=jnp.float32``, what
+    flax's ``BatchNorm()`` gives such an input) reads ``x`` in its own dtype, normalizes in
+    float32, writes the float32 ``y`` directly, and keeps only ``x``, in its own dtype, for
+    the backward: the result is a float32 computation on the bfloat16 values, and no
+    float32 copy of ``x`` is made. Each device takes two passes over ``x``
     (``mean = Σx/n``, then ``Σ(x - mean)²``), so the variance is accurate at any mean
     (|mean|/std = 1e4 included), with no runtime branch: nothing in training mode stops the
     host on a GPU, and ``vmap`` (a model ensemble) costs no extra pass. Devices are merged
@@ -131,14 +137,19 @@ def batch_norm(
         into, or None (one batch). Must divide that axis. Ignored in evaluation.
       debias: merge the ``k``-th batch with weight ``(1-momentum)/(1-momentum**k)``.
       unbiased_running_var: update the running variance with the unbiased batch variance.
+      dtype: the dtype of ``y``; None: ``x``'s (complex when ``params`` are complex). The
+        normalization runs in the widest of float32, ``x``'s, the parameters' and this
+        dtype.
 
     Returns:
-      ``(y, new_state)``: ``y`` of the shape and dtype of ``x``; ``new_state`` of the same
+      ``(y, new_state)``: ``y`` of the shape of ``x`` and the dtype ``dtype`` (None:
+      ``x``'s); ``new_state`` of the same
       structure, shapes and dtypes as ``state`` (``state`` itself when ``training=False``).
       No gradient flows into ``new_state``.
 
     Raises:
       TypeError: ``training`` is not a bool, ``x`` is not an array of a floating dtype,
+        ``dtype`` is not a floating or complex dtype,
         ``state`` is not a :class:`BatchStats` (or its ``count`` not a 0-d integer array),
         ``mask`` is not a bool array, ``axis`` is not an int/tuple, ``momentum``/``epsilon``
         are not real scalars (a bool is not), or ``axis_index_groups`` are not lists of ints.
@@ -165,10 +176,10 @@ def batch_norm(
         x, lay = _check_common(
             x, params, state, training=training, axis=axis, momentum=momentum,
             epsilon=epsilon, mask=mask, virtual_batch_size=virtual_batch_size,
-            debias=debias, unbiased_running_var=unbiased_running_var,
+            debias=debias, unbiased_running_var=unbiased_running_var, dtype=dtype,
         )
         if not training:
-            return normalize_eval(x, state.mean, state.var, params, epsilon, lay), state
+            return normalize_eval(x, state.mean, state.var, params, epsilon, lay, dtype), state
 
         ghost = _check_training_layout(
             x, lay, axis=axis, axis_name=axis_name, axis_index_groups=axis_index_groups,
@@ -177,7 +188,8 @@ def batch_norm(
         static_epsilon, epsilon_ = _static_or_argument(epsilon)
         static_momentum, momentum_ = _static_or_argument(momentum)
         config = _Training(
-            Sync.of(ghost.layout.reduction_axes, axis_name, axis_index_groups), ghost,
+            Sync.of(ghost.layout.reduction_axes, axis_name, axis_index_groups, dtype),
+            ghost,
             static_epsilon, static_momentum, bool(debias), bool(unbiased_running_var),
         )
         scale, bias = affine(params)
@@ -200,6 +212,7 @@ def _check_common(
     virtual_batch_size: Any,
     debias: Any,
     unbiased_running_var: Any,
+    dtype: Any = None,
 ) -> tuple[jax.Array, _checks.Layout]:
     """The checks shared by batch_norm and batch_renorm, in both modes."""
     _checks.check_training(training)
@@ -213,6 +226,7 @@ def _check_common(
     _checks.check_flag("debias", debias)
     _checks.check_flag("unbiased_running_var", unbiased_running_var)
     _checks.check_virtual_batch_size(virtual_batch_size)
+    _checks.check_output_dtype(dtype)
     return x, lay
 
 

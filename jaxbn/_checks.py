@@ -400,3 +400,18 @@ def check_renorm_clipping(r_max: Any, d_max: Any) -> None:
             f"`d_max` must be >= 0 (d is clipped to [-d_max, d_max]; d_max=0 is plain batch "
             f"normalization), got {d_max!r}."
         )
+
+
+def check_output_dtype(dtype: Any) -> None:
+    """``dtype`` (the output's) is None or a floating or complex dtype."""
+    if dtype is None:
+        return
+    try:
+        inexact = bool(jnp.issubdtype(dtype, jnp.inexact))
+    except TypeError:
+        inexact = False
+    if not inexact:
+        raise TypeError(
+            f"`dtype` (the output's) must be None (the dtype of `x`) or a floating or complex "
+            f"dtype such as jnp.float32 or jnp.bfloat16, got {dtype!r}."
+        )

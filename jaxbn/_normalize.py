@@ -24,6 +24,7 @@ __all__ = [
     "multiplier",
     "normalize_eval",
     "scale_shift",
+    "y_dtype",
 ]
 
 
@@ -39,11 +40,16 @@ def affine(
     )
 
 
-def compute_dtype(x_dtype: Any, *arrays: jax.Array | None) -> np.dtype:
-    """The dtype the normalization runs in: float32 or wider, and at least each array's
-    (complex if any of them is)."""
+def compute_dtype(
+    x_dtype: Any, *arrays: jax.Array | None, out_dtype: Any = None
+) -> np.dtype:
+    """The dtype the normalization runs in: float32 or wider, and at least each array's and
+    ``out_dtype``'s (complex if any of them is). ``x`` is read in its own dtype and widened
+    inside the kernels that use it: a bfloat16 ``x`` with float32 parameters is normalized
+    in float32 and never copied to float32 in memory."""
     return wider_float(
-        x_dtype, stats_dtype(x_dtype), *(None if a is None else a.dtype for a in arrays)
+        x_dtype, stats_dtype(x_dtype), out_dtype,
+        *(None if a is None else a.dtype for a in arrays),
     )
 
 
@@ -66,10 +72,17 @@ def multiplier(inv_std: jax.Array, scale: jax.Array | None, dtype: Any) -> jax.A
 
 
 def scale_shift(
-    x: jax.Array, mean: jax.Array, mul: jax.Array, bias: jax.Array | None, dtype: Any
+    x: jax.Array,
+    mean: jax.Array,
+    mul: jax.Array,
+    bias: jax.Array | None,
+    dtype: Any,
+    out_dtype: Any = None,
 ) -> jax.Array:
-    """``y = (x - mean) · mul + bias`` in ``dtype``, returned in ``x``'s dtype (or ``dtype``
-    when only it is complex: a real ``x`` with complex parameters gives a complex ``y``).
+    """``y = (x - mean) · mul + bias`` in ``dtype``, returned in ``out_dtype``.
+
+    ``out_dtype`` None is :func:`y_dtype`'s default: ``x``'s dtype (or ``dtype`` when
+    only it is complex: a real ``x`` with complex parameters gives a complex ``y``).
 
     One fused elementwise pass. Subtracting the mean before scaling (rather than adding a
     precomputed ``bias - mean · mul``) keeps ``y`` exact to rounding when ``|mean| >> std``,
@@ -78,8 +91,16 @@ def scale_shift(
     y = (x.astype(dtype) - mean.astype(dtype)) * mul.astype(dtype)
     if bias is not None:
         y = y + bias.astype(dtype)
-    real_x_complex_y = is_complex(dtype) and not is_complex(x.dtype)
-    return y.astype(dtype if real_x_complex_y else x.dtype)
+    return y.astype(y_dtype(x.dtype, dtype, out_dtype))
+
+
+def y_dtype(x_dtype: Any, dtype: Any, out_dtype: Any = None) -> np.dtype:
+    """The dtype of ``y``: ``out_dtype`` if given, else ``x_dtype``, made complex when the
+    computation ``dtype`` is (a real ``x`` with complex parameters gives a complex ``y``)."""
+    if out_dtype is not None:
+        return np.dtype(out_dtype)
+    real_x_complex_y = is_complex(dtype) and not is_complex(x_dtype)
+    return np.dtype(dtype if real_x_complex_y else x_dtype)
 
 
 def normalize_eval(
@@ -89,8 +110,10 @@ def normalize_eval(
     params: Mapping[str, ArrayLike | None] | None,
     epsilon: Any,
     lay: Layout,
+    out_dtype: Any = None,
 ) -> jax.Array:
-    """Evaluation: ``(x - mean) · (scale · rsqrt(var + eps)) + bias`` in one fused pass.
+    """Evaluation: ``(x - mean) · (scale · rsqrt(var + eps)) + bias`` in one fused pass,
+    written in ``out_dtype`` (None: :func:`y_dtype`'s default).
 
     The feature-shaped ``mean``, ``var`` and ``params`` are reshaped to broadcast against
     ``x``; per-example ``params`` (of ``x``'s rank) broadcast as they are. Plain JAX
@@ -98,9 +121,9 @@ def normalize_eval(
     """
     scale, bias = (_placed(p, lay) for p in affine(params))
     shape = lay.broadcast_shape
-    dtype = compute_dtype(x.dtype, mean, scale, bias)
+    dtype = compute_dtype(x.dtype, mean, scale, bias, out_dtype=out_dtype)
     mul, _ = coefficients(var.reshape(shape), scale, epsilon, dtype)
-    return scale_shift(x, mean.reshape(shape), mul, bias, dtype)
+    return scale_shift(x, mean.reshape(shape), mul, bias, dtype, out_dtype)
 
 
 def _placed(value: jax.Array | None, lay: Layout) -> jax.Array | None:

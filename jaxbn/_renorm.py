@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.typing import ArrayLike
+from jax.typing import ArrayLike, DTypeLike
 
 from . import _checks
 from ._batch_norm import _check_common, _check_training_layout, grouped_inputs
@@ -38,6 +38,7 @@ def batch_renorm(
     virtual_batch_size: int | None = None,
     debias: bool = False,
     unbiased_running_var: bool = False,
+    dtype: DTypeLike | None = None,
 ) -> tuple[jax.Array, BatchStats]:
     r"""Batch Renormalization (Ioffe, 2017): batch norm corrected toward the running statistics.
 
@@ -83,6 +84,7 @@ def batch_renorm(
         ``r, d``); see :func:`~jaxbn.batch_norm`.
       debias: zero-debiased EMA of the running statistics; see :func:`~jaxbn.batch_norm`.
       unbiased_running_var: store the unbiased batch variance (PyTorch's convention).
+      dtype: the dtype of ``y``, as in :func:`~jaxbn.batch_norm` (None: ``x``'s).
 
     Returns:
       ``(y, new_state)`` as :func:`~jaxbn.batch_norm` returns them.
@@ -116,9 +118,10 @@ def batch_renorm(
             virtual_batch_size=virtual_batch_size,
             debias=debias,
             unbiased_running_var=unbiased_running_var,
+            dtype=dtype,
         )
         if not training:
-            return normalize_eval(x, state.mean, state.var, params, epsilon, lay), state
+            return normalize_eval(x, state.mean, state.var, params, epsilon, lay, dtype), state
         if is_complex(x.dtype):
             raise TypeError(
                 f"`x` must be real for batch_renorm in training (its r and d corrections are "
@@ -141,7 +144,8 @@ def batch_renorm(
             moments = combine(moments, axis_name, axis_index_groups)
         batch_mean, batch_var = mean_and_var(moments)
 
-        dtype = compute_dtype(x.dtype, state.mean, scale_g, bias_g)
+        out_dtype = dtype
+        dtype = compute_dtype(x.dtype, state.mean, scale_g, bias_g, out_dtype=out_dtype)
         shape = ghost.layout.broadcast_shape
         running_mean = ghost.per_group(state.mean.astype(dtype)).reshape(shape)
         running_var = ghost.per_group(state.var.astype(dtype)).reshape(shape)
@@ -160,7 +164,7 @@ def batch_renorm(
         shift = d if scale_g is None else d * scale_g.astype(dtype)
         if bias_g is not None:
             shift = shift + bias_g.astype(dtype)
-        y = scale_shift(x_g, batch_mean, mul * r, shift, dtype)
+        y = scale_shift(x_g, batch_mean, mul * r, shift, dtype, out_dtype)
 
         new_state = update_from_batch(
             state,

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
@@ -35,17 +36,24 @@ class Sync(NamedTuple):
     reduction_axes: tuple[int, ...]
     axis_name: AxisName | None
     axis_index_groups: tuple[tuple[int, ...], ...] | None
+    out_dtype: np.dtype | None = None  # y's dtype; None: x's (complex with complex params)
 
     @classmethod
     def of(
-        cls, reduction_axes: tuple[int, ...], axis_name: AxisName | None, axis_index_groups: Any
+        cls,
+        reduction_axes: tuple[int, ...],
+        axis_name: AxisName | None,
+        axis_index_groups: Any,
+        out_dtype: Any = None,
     ) -> Sync:
         groups = (
             None
             if axis_index_groups is None
             else tuple(tuple(int(i) for i in group) for group in axis_index_groups)
         )
-        return cls(reduction_axes, axis_name, groups)
+        return cls(
+            reduction_axes, axis_name, groups, None if out_dtype is None else np.dtype(out_dtype)
+        )
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -85,9 +93,9 @@ def _forward(
     if sync.axis_name is not None:
         moments = combine(moments, sync.axis_name, sync.axis_index_groups)
     mean, var = mean_and_var(moments)
-    dtype = compute_dtype(x.dtype, mean, scale, bias)
+    dtype = compute_dtype(x.dtype, mean, scale, bias, out_dtype=sync.out_dtype)
     mul, inv_std = coefficients(var, scale, epsilon, dtype)
-    y = scale_shift(x, mean, mul, bias, dtype)
+    y = scale_shift(x, mean, mul, bias, dtype, sync.out_dtype)
     return (y, mean, var, moments.valid_count), inv_std
 
 
@@ -100,11 +108,14 @@ def _jvp(
 ) -> tuple[_Outputs, _Outputs]:
     x, scale, bias, mask, epsilon = primals
     dx, dscale, dbias = (None if isinstance(t, SymbolicZero) else t for t in tangents[:3])
+    depsilon = None if isinstance(tangents[4], SymbolicZero) else tangents[4]
     (y, mean, var, count), inv_std = _forward(sync, x, scale, bias, mask, epsilon)
     # Checkpointed: linearizing saves only this function's primal inputs (x in its own
     # dtype, and per-feature vectors), and the backward recomputes x̂ inside its kernels.
     tangent = jax.checkpoint(functools.partial(_tangent, sync, y.dtype))
-    dy, dmean, dvar = tangent(x, mean, inv_std, scale, mask, count, dx, dscale, dbias)
+    dy, dmean, dvar = tangent(
+        x, mean, inv_std, scale, mask, count, dx, dscale, dbias, depsilon
+    )
     return (y, mean, var, count), (dy, dmean, dvar, jnp.zeros_like(count))
 
 
@@ -120,18 +131,24 @@ def _tangent(
     dx: jax.Array | None,
     dscale: jax.Array | None,
     dbias: jax.Array | None,
+    depsilon: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(dy, d_mean, d_var)``, linear in ``(dx, dscale, dbias)`` (None: zero).
+    """``(dy, d_mean, d_var)``, linear in ``(dx, dscale, dbias, depsilon)`` (None: zero).
 
     With ``x̂ = (x - mean)·inv_std`` and the sums over the valid entries (and devices)::
 
         a = Σ dx,   b = Σ Re(conj(x̂)·dx),   d_mean = a/n,   d_var = 2b/(n·inv_std)
-        dy = s·(dx - a/n - x̂·b/n) + dscale·x̂ + dbias,   s = scale·inv_std
+        dy = s·(dx - a/n - x̂·b/n) + dscale·x̂ + dbias - x̂·s·inv_std·depsilon/2,
+        s = scale·inv_std
+
+    (the last term is ``∂y/∂epsilon``: ``inv_std = (var + epsilon)^(-1/2)``, so
+    ``∂inv_std/∂epsilon = -inv_std³/2``; epsilon moves neither the mean nor the variance).
 
     When ``s`` is per-feature (the usual feature-shaped scale), the per-feature terms are
     gathered first, ``dy = s·dx + u + x̂·v`` with ``u = dbias - s·a/n`` and
-    ``v = dscale - s·b/n``: transposed, ``u`` and ``v`` need ``Σ ȳ`` and ``Σ ȳ·x̂``, the
-    very sums of the bias and scale gradients, so the backward takes two sums, not four,
+    ``v = dscale - s·b/n - s·inv_std·depsilon/2``: transposed, ``u`` and ``v`` need
+    ``Σ ȳ`` and ``Σ ȳ·x̂``, the very sums of the bias and scale gradients (and of
+    epsilon's), so the backward takes two sums, not four,
     and one collective (``u`` and ``v`` cross to the devices through one stacked
     ``pcast``, whose transpose is one ``psum``).
     """
@@ -157,6 +174,12 @@ def _tangent(
     d_var = 2 * b * inv_n / inv_std
     x_hat = _x_hat(x_for_output, *for_output, dtype)
     terms = [] if dx is None else [s * dx.astype(dtype)]
+    # ∂y/∂epsilon per unit of x̂: -s·inv_std/2 (per feature, or per example with
+    # per-example scale).
+    d_by_epsilon = (
+        None if depsilon is None
+        else -0.5 * s * (inv_std * depsilon.astype(inv_std.dtype)).astype(dtype)
+    )
     if real and all(s.shape[axis] == 1 for axis in sync.reduction_axes):
         u = -s * (a * inv_n)
         v = -s * (b * inv_n)
@@ -164,6 +187,8 @@ def _tangent(
             u = u + dbias.astype(dtype)
         if dscale is not None:
             v = v + dscale.astype(dtype)
+        if d_by_epsilon is not None:
+            v = v + d_by_epsilon
         if _varying(x) - (_varying(u) | _varying(v)):  # one cast for both: one collective
             u, v = _vary_like(x, jnp.stack((u, v)))
         terms += [u, x_hat * v]
@@ -171,6 +196,8 @@ def _tangent(
         terms.append(-s * (a.astype(dtype) + x_hat * b.astype(dtype)) * inv_n.astype(dtype))
         if dscale is not None:
             terms.append(x_hat * dscale.astype(dtype))
+        if d_by_epsilon is not None:
+            terms.append(x_hat * d_by_epsilon)
         if dbias is not None:
             terms.append(_vary_like(x, dbias.astype(dtype)))
     # Every term with x's shape and sharding type (explicit-sharding jit types them).

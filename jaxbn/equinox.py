@@ -198,8 +198,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
             _check_bound(axis_name)
         stats = self._stats(state)
         with jax.named_scope("jaxbn.equinox.BatchNorm"):
-            if jnp.issubdtype(x.dtype, jnp.floating):  # the core rejects other dtypes
-                x = x.astype(output_dtype(None, x, self.weight, self.bias))
+            # x is read in its own dtype; y is written in x's dtype promoted with the
+            # parameters'. Other dtypes reach the core, which rejects them.
+            floating = jnp.issubdtype(x.dtype, jnp.floating)
+            out_dtype = output_dtype(None, x, self.weight, self.bias) if floating else None
             y, stats = batch_norm(
                 x,
                 {"scale": self.weight, "bias": self.bias},
@@ -211,6 +213,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 axis_name=axis_name,
                 mask=mask,
                 debias=True,
+                dtype=out_dtype,
             )
         if not inference:
             state = state.set(self.state_index, stats)

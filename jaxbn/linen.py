@@ -24,6 +24,7 @@ from flax.linen import initializers
 from flax.typing import Dtype, Initializer
 
 from ._adapter import (
+    as_read,
     check_use_running_average,
     check_variables,
     normalize_with_fields,
@@ -185,7 +186,7 @@ def _normalize(
     initializing = owner.is_initializing()
     y, new_state = normalize_with_fields(
         fields,
-        x.astype(wider_float(x.dtype, out_dtype)),
+        as_read(x, wider_float(x.dtype, out_dtype)),
         scale,
         bias,
         ra_mean.value,
@@ -195,6 +196,7 @@ def _normalize(
         axis_name=None if initializing else fields.axis_name,
         axis_index_groups=None if initializing else fields.axis_index_groups,
         mask=mask,
+        out_dtype=out_dtype,
     )
     if not use_running_average and not initializing:
         ra_mean.value = stored(new_state.mean, ra_mean.value)

@@ -18,6 +18,7 @@ from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
 from ._adapter import (
+    as_read,
     check_features,
     check_use_running_average,
     check_variables,
@@ -35,10 +36,16 @@ _ZEROS = initializers.zeros_init()
 _ONES = initializers.ones_init()
 
 
-def _promote(arrays: tuple[Any, ...], dtype: Dtype | None) -> tuple[Any, ...]:
-    """flax's default ``promote_dtype``, with explicit promotion that strict mode accepts."""
+def _promote(arrays: tuple[Any, ...], dtype: Dtype | None) -> tuple[Any, Any]:
+    """flax's default ``promote_dtype``, with explicit promotion that strict mode accepts:
+    ``(promoted arrays, their dtype)``, where ``x`` (the first) is left in its own dtype
+    when it is floating (:func:`~jaxbn._adapter.as_read`), and the output is written in
+    the promoted dtype."""
     target = dtype or wider_float(*(None if a is None else a.dtype for a in arrays))
-    return tuple(None if a is None else jnp.asarray(a, target) for a in arrays)
+    x, *rest = arrays
+    promoted = (as_read(jnp.asarray(x), target),
+                *(None if a is None else jnp.asarray(a, target) for a in rest))
+    return promoted, target
 
 
 class BatchNorm(nnx.Module):
@@ -198,10 +205,10 @@ class BatchNorm(nnx.Module):
         )
         arrays = (jnp.asarray(x), stored_mean, stored_var, scale, bias)
         if self.promote_dtype is dtypes.promote_dtype:
-            x, mean, var, scale, bias = _promote(arrays, self.dtype)
+            (x, mean, var, scale, bias), out_dtype = _promote(arrays, self.dtype)
         else:
             x, mean, var, scale, bias = self.promote_dtype(arrays, dtype=self.dtype)
-        out_dtype = output_dtype(self.dtype, x, scale, bias)
+            out_dtype = output_dtype(self.dtype, x, scale, bias)
         if not use_running_average:
             # The EMA runs on the stored (float32) statistics, as in flax.
             mean, var = stored_mean, stored_var
@@ -217,6 +224,7 @@ class BatchNorm(nnx.Module):
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
             mask=mask,
+            out_dtype=out_dtype,
         )
         if not use_running_average:
             # set_value replaces the array: the mean of a complex input stays complex

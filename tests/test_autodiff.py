@@ -381,3 +381,162 @@ def test_matches_flax(mode, subject, option):
     ours = derivatives(subject, option)[mode]
     theirs = derivatives(counterpart, option)[mode]
     assert_tree_close(ours, theirs, PARITY_TOLERANCE, f"{mode}: {subject} against {counterpart}")
+
+
+# --------------------------------------------------------------------------- epsilon
+#
+# epsilon enters the output through inv_std = (var + epsilon)^(-1/2) only: each mode of the
+# table above, now with respect to epsilon, for the subjects that take it as a traced value
+# (equinox's `eps` is a static field, in equinox itself too). The truth: the reference's
+# output differentiated by central differences, the closed-form ∂loss/∂epsilon
+# (``_epsilon_grad``) for the gradient, and that differentiated by central differences for
+# the second order.
+
+EPSILON = 1e-2  # ~1e-3 of the problems' variances: the derivative is small but not zero
+EPSILON_SUBJECTS = ("pure", "linen", "nnx")
+EPSILON_OPTIONS = ("float32", "mask", "bfloat16", "sync")
+EPSILON_MODES = ("jvp", "linearize", "jacfwd", "grad", "hessian", "hvp_fwd_rev", "hvp_rev_rev")
+EPSILON_TANGENTS = (0.7, -1.3)  # the two tangents (linearize), the first also jvp's
+EPSILON_DIRECTION = 0.9  # the Hessian-vector products' vector
+
+
+def _epsilon_layer(name: str, axis_name: str | None) -> Callable[..., Any]:
+    """``(x, scale, bias, mask, epsilon) -> y`` of subject ``name`` with ``epsilon`` traced."""
+    features = 3
+
+    if name == "pure":
+        def pure(x, scale, bias, mask, epsilon):
+            return jaxbn.batch_norm(x, {"scale": scale, "bias": bias}, jaxbn.init(features)[1],
+                                    training=True, epsilon=epsilon, mask=mask,
+                                    axis_name=axis_name)[0]
+        return pure
+    if name == "linen":
+        def linen(x, scale, bias, mask, epsilon):  # a module field may hold a traced value
+            module = jaxbn.linen.BatchNorm(use_running_average=False, epsilon=epsilon,
+                                           axis_name=axis_name)
+            stats = {"mean": jnp.zeros(features), "var": jnp.ones(features)}
+            return module.apply({"params": {"scale": scale, "bias": bias},
+                                 "batch_stats": stats}, x, mask=mask,
+                                mutable=["batch_stats"])[0]
+        return linen
+    graphdef, state = nnx.split(jaxbn.nnx.BatchNorm(features, axis_name=axis_name,
+                                                    rngs=nnx.Rngs(0)))
+
+    def nnx_layer(x, scale, bias, mask, epsilon):
+        module = nnx.merge(graphdef, state, copy=True)
+        module.scale[...] = scale
+        module.bias[...] = bias
+        module.epsilon = epsilon
+        return module(x, use_running_average=False, mask=mask)
+    return nnx_layer
+
+
+@functools.cache
+def epsilon_derivatives(name: str, option: str) -> dict[str, Any]:
+    """Every mode with respect to epsilon through ``name`` on ``option``'s problem."""
+    p = problem(option)
+    layer = _epsilon_layer(name, "devices" if p.sync else None)
+    if p.sync:
+        mesh = jax.make_mesh((DEVICES,), ("devices",), axis_types=(AxisType.Auto,))
+        layer = jax.shard_map(
+            layer, mesh=mesh,
+            in_specs=(P("devices"), P(), P(), P() if p.mask is None else P("devices"), P()),
+            out_specs=P("devices"),
+        )
+
+    def output(epsilon):
+        return layer(*p.args, p.mask, epsilon)
+
+    def loss(epsilon):
+        return jnp.sum(p.weights * jnp.tanh(output(epsilon).astype(jnp.float32)))
+
+    grad = jax.grad(loss)
+
+    def modes(epsilon, tangents, direction):
+        _, linear = jax.linearize(output, epsilon)
+        return {
+            "jvp": jax.jvp(output, (epsilon,), (tangents[0],))[1],
+            "linearize": tuple(linear(t) for t in tangents),
+            "jacfwd": jax.jacfwd(output)(epsilon),
+            "grad": grad(epsilon),
+            "hessian": jax.hessian(loss)(epsilon),
+            "hvp_fwd_rev": jax.jvp(grad, (epsilon,), (direction,))[1],
+            "hvp_rev_rev": jax.grad(lambda e: grad(e) * direction)(epsilon),
+        }
+
+    with standard():
+        return jax.jit(modes)(jnp.float32(EPSILON), jnp.asarray(EPSILON_TANGENTS, jnp.float32),
+                              jnp.float32(EPSILON_DIRECTION))
+
+
+def _epsilon_grad(x, scale, bias, mask, weights, epsilon):
+    """∂/∂epsilon of ``Σ weights · tanh(y)``, closed form: ``Σ dy · ∂y/∂epsilon`` with
+    ``dy = weights · (1 - tanh²(y))`` and ``∂y/∂epsilon = -scale·(x - μ)·(var + ε)^(-3/2)/2``
+    (μ and var do not depend on epsilon)."""
+    y, mean, var = ref.batch_norm(x, -1, scale, bias, mask, epsilon)
+    dy = weights * (1 - np.tanh(y) ** 2)
+    dy_deps = -0.5 * scale * (x - mean) * (var + epsilon) ** -1.5
+    return np.sum(dy * dy_deps)
+
+
+@functools.cache
+def epsilon_truth(option: str) -> dict[str, Any]:
+    p = problem(option)
+    x, scale, bias = (np.asarray(a.astype(jnp.float32), np.float64) for a in p.args)
+    mask = None if p.mask is None else np.asarray(p.mask)
+    weights = np.asarray(p.weights, np.float64)
+
+    def output(epsilon):
+        return ref.batch_norm(x, -1, scale, bias, mask, float(epsilon))[0]
+
+    def grad(epsilon):
+        return _epsilon_grad(x, scale, bias, mask, weights, float(epsilon))
+
+    def along(fn, tangent):
+        return ref.directional_derivative(fn, [EPSILON], [tangent])
+
+    hessian = along(grad, 1.0)
+    return {
+        "jvp": along(output, EPSILON_TANGENTS[0]),
+        "linearize": tuple(along(output, t) for t in EPSILON_TANGENTS),
+        "jacfwd": along(output, 1.0),
+        "grad": grad(EPSILON),
+        "hessian": hessian,
+        "hvp_fwd_rev": hessian * EPSILON_DIRECTION,
+        "hvp_rev_rev": hessian * EPSILON_DIRECTION,
+    }
+
+
+EPSILON_CASES = [
+    pytest.param(mode, subject, option, id=f"{mode}-{subject}-{option}", marks=_marks(option))
+    for option in EPSILON_OPTIONS for subject in EPSILON_SUBJECTS for mode in EPSILON_MODES
+]
+
+
+@pytest.mark.parametrize(("mode", "subject", "option"), EPSILON_CASES)
+def test_epsilon_derivative_matches_float64(mode, subject, option):
+    got = epsilon_derivatives(subject, option)[mode]
+    tol = TOLERANCE["bfloat16" if option == "bfloat16" else "float32"]
+    assert_tree_close(got, epsilon_truth(option)[mode], tol,
+                      f"d/d epsilon, {mode} of {subject} on {option}")
+
+
+def test_the_epsilon_gradient_is_not_zero_in_training():
+    # Regression: jax.grad with respect to epsilon was 0.0 in training mode (the custom
+    # JVP dropped epsilon's tangent), where the analytic value is large: a small variance
+    # (0.0025) next to epsilon 1e-3.
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(0.0, 0.05, (64, 8)), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(64, 8)), jnp.float32)
+    params, state = jaxbn.init(8)
+
+    def loss(epsilon):
+        y, _ = jaxbn.batch_norm(x, params, state, training=True, epsilon=epsilon)
+        return jnp.sum(weights * jnp.tanh(y))
+
+    x64 = np.asarray(x, np.float64)
+    expected = _epsilon_grad(x64, np.ones(8), np.zeros(8), None, np.asarray(weights, np.float64),
+                             1e-3)
+    got = float(jax.grad(loss)(jnp.float32(1e-3)))
+    assert abs(expected) > 10  # far from the 0.0 that was returned
+    np.testing.assert_allclose(got, expected, rtol=1e-4)

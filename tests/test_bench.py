@@ -150,7 +150,11 @@ def test_importing_the_bench_imports_neither_jax_nor_the_command_line():
     assert result.stdout.strip() == "[]"
 
 
-TOY_SHAPES = (("toy", (8, 4), -1, "float32"), ("toy NCHW bf16", (4, 4, 2, 2), 1, "bfloat16"))
+TOY_SHAPES = (
+    ("toy", (8, 4), -1, "float32", "float32"),
+    ("toy NCHW bf16", (4, 4, 2, 2), 1, "bfloat16", "bfloat16"),
+    ("toy mixed", (8, 4), -1, "bfloat16", "float32"),
+)
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +165,8 @@ def toy_passes():
 
 def test_vmap_passes_are_per_element_of_the_ensemble(toy_passes):
     # An elementwise op (the proxy) costs the same per element with or without vmap.
-    assert [row["numel"] for row in toy_passes] == [32, 64]
-    assert [row["itemsize"] for row in toy_passes] == [4, 2]
+    assert [row["numel"] for row in toy_passes] == [32, 64, 32]
+    assert [row["itemsize"] for row in toy_passes] == [4, 2, 2]
     for row in toy_passes:
         assert set(row["vmap_train_fwd_bwd"]) == set(bench.IMPLS)
         proxy = row["passes"]["train_fwd_bwd"]["proxy"]["total"]
@@ -181,7 +185,7 @@ def test_jaxbn_keeps_only_x_for_the_backward(toy_passes):
     # 1/σ, scale): x's bytes plus O(features), and no float32 copy of a bfloat16 x, as the
     # custom VJP it replaced did. flax keeps two arrays of x's size, float32 ones for a
     # bfloat16 x (4x its bytes): the contrast shows the count can see a copy.
-    for row, (_, shape, axis, dtype_name) in zip(toy_passes, TOY_SHAPES, strict=True):
+    for row, (_, shape, axis, dtype_name, _) in zip(toy_passes, TOY_SHAPES, strict=True):
         kept = row["residuals"]
         x_bytes = row["numel"] * row["itemsize"]
         print(f"{row['shape']}: residuals / x bytes: jaxbn {kept['jaxbn']['over_x']:.3f} "
@@ -321,7 +325,7 @@ def test_the_benchmark_runs_at_toy_size(tmp_path, capsys, monkeypatch):
     assert saved["meta"]["command"] == "python -m experiments bench --toy"
     assert saved["meta"]["jax_version"] == jax.__version__
     assert len(saved["meta"]["load_average"]) == 2
-    assert [row["shape"] for row in saved["layers"]] == ["toy", "toy NCHW bf16"]
+    assert [row["shape"] for row in saved["layers"]] == ["toy", "toy NCHW bf16", "toy mixed"]
     for row in saved["layers"]:
         for mode in bench.MODES:
             assert row[mode]["x_proxy"]["proxy"] == pytest.approx(1.0)
@@ -339,13 +343,16 @@ def test_the_benchmark_runs_at_toy_size(tmp_path, capsys, monkeypatch):
         "forward": 1,
         "forward_backward": 2,
     }
-    norms = {"mlp": {"none", "jaxbn", "flax"}, "resnet50": {"none", "jaxbn", "flax", "converted"}}
-    for model in ("mlp", "resnet50"):
+    norms = {"mlp": {"none", "jaxbn", "flax"}, "resnet50": {"none", "jaxbn", "flax", "converted"},
+             "resnet50_bf16": {"none", "jaxbn", "flax"}}
+    for model in ("mlp", "resnet50", "resnet50_bf16"):
         assert set(saved["steps"][model]["ms"]) == norms[model]
         assert saved["steps"][model]["jaxbn_over_flax"] > 0
         assert saved["steps"][model]["jaxbn_over_none"] > 0
+        assert len(saved["steps"][model]["losses"]["jaxbn"]) == 5
     assert saved["steps"]["resnet50"]["config"]["stage_sizes"] == [1]
-    for model in ("mlp", "resnet50"):
+    assert saved["steps"]["resnet50_bf16"]["config"]["dtype"] == "bfloat16"
+    for model in ("mlp", "resnet50", "resnet50_bf16"):
         assert set(saved["compile"][model]["compile_s"]) == norms[model]
         assert saved["compile"][model]["compile_jaxbn_over_flax"] > 0
         assert 0 < saved["compile"][model]["trace_s"]["jaxbn"] < saved["compile"][model][

@@ -166,7 +166,7 @@ def measure(
     environment = run_in_fresh_process("environment")
     passes = run_in_fresh_process("layer_passes", shapes=shapes)
     collectives = run_in_fresh_process("collectives")
-    step_configs = {"mlp": mlp or {}, "resnet50": resnet or {}}
+    step_configs = {"mlp": mlp or {}, "resnet50": resnet or {}, "resnet50_bf16": resnet or {}}
     compile_times = _compile_times(compile_processes, step_configs)
     layer_runs, step_runs = [], []
     for _ in range(processes):
@@ -220,8 +220,8 @@ def _layer_row(
     shape: Shape, passes: dict[str, Any], timings: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """One shape's row: its timings merged over processes, its pass counts beside them."""
-    label, _, axis, dtype_name = shape
-    row: dict[str, Any] = {"shape": label, "dtype": dtype_name, "axis": axis,
+    label, _, axis, dtype_name, out_name = shape
+    row: dict[str, Any] = {"shape": label, "dtype": dtype_name, "out_dtype": out_name, "axis": axis,
                            "numel": passes["numel"], "itemsize": passes["itemsize"]}
     merged = _merge(timings)
     for mode in MODES:

@@ -11,6 +11,24 @@ reverse mode keeps from the forward for the backward (:func:`residuals`).
 Every layer function has the signature ``(x, params, stats, dy)``, whatever the mode and the
 implementation, so that timing, pass counting, ``vmap`` and ``shard_map`` treat them alike
 (``dy`` is unused but by the backward pass; XLA drops an unused argument).
+
+Forward+backward is timed two ways. ``train_fwd_bwd`` is ``jax.vjp``: the output ``y`` is
+returned, and the cotangent ``dy`` (with zeros for the new state) is fed back. ``train_step``
+is how a training step differentiates a layer: ``jax.grad`` of a scalar loss (here
+``Σ y·dy``, whose cotangent is the same ``dy``) with respect to ``x`` and the parameters,
+the new state as aux. There ``y`` only feeds the loss's reduction and is never written out,
+and XLA can fuse more of an autodiff backward into its neighbours. The optimized HLO shows
+where the difference goes (float32, (256,1024) and (64,32,32,64) alike): in
+``train_fwd_bwd`` jaxbn makes 10 full-tensor passes and flax 15, where flax writes
+``x - mean`` out as a full-size array for its backward and both write ``y``; in
+``train_step`` jaxbn makes 8 and flax 11 (``y`` is not written, and ``x - mean`` is
+recomputed inside flax's backward kernels). flax saves 4 passes to jaxbn's 2, so jaxbn's
+advantage counted in passes shrinks from 10/15 (0.67) to 8/11 (0.73). On a loaded 2-core
+CPU the timed ratios of either form move more than that between runs (measured 0.74-1.07 as
+a training step and 0.98-1.31 as ``jax.vjp`` in one process), so the bench reports both,
+beside the counts. (The bias
+and scale gradients and the two per-feature sums are the same in both forms; jaxbn's custom
+JVP saves only ``x``, whichever is used.)
 """
 
 from __future__ import annotations
@@ -27,6 +45,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxbn
+import jaxbn.linen
 
 from ..hlo import count_collectives, count_passes
 from .spec import ENSEMBLE, IMPLS, MODES, Shape
@@ -45,15 +64,43 @@ class Layer(NamedTuple):
     stats: Any  # its initial running statistics (None for the proxy)
 
 
-def _layers(axis: int, ndim: int, features: int, axis_name: str | None = None) -> dict[str, Layer]:
-    """The proxy, jaxbn and flax (fast and two-pass variance), by name."""
+def _linen_layer(module: nn.Module, stats: Any) -> Layer:
+    """A linen BatchNorm as a :class:`Layer`, its variables passed in."""
+
+    def train(x: jax.Array, params: Any, stats: Any) -> Any:
+        y, updates = module.apply(
+            {"params": params, "batch_stats": stats}, x, False, mutable=["batch_stats"]
+        )
+        return y, updates["batch_stats"]
+
+    def evaluate(x: jax.Array, params: Any, stats: Any) -> Any:
+        return module.apply({"params": params, "batch_stats": stats}, x, True)
+
+    return Layer(train, evaluate, stats)
+
+
+def _layers(
+    axis: int,
+    ndim: int,
+    features: int,
+    axis_name: str | None = None,
+    x_dtype: str = "float32",
+    out_dtype: str = "float32",
+) -> dict[str, Layer]:
+    """The proxy, jaxbn and flax (fast and two-pass variance), by name, all writing
+    ``out_dtype`` from an ``x_dtype`` input and float32 parameters.
+
+    With ``out_dtype`` the dtype of ``x`` (float32, or the bfloat16 row): the pure function,
+    and flax's ``BatchNorm(dtype=out_dtype)`` (``BatchNorm()`` for float32). Otherwise (the
+    mixed row, a bfloat16 ``x`` with float32 out): ``jaxbn.linen.BatchNorm()`` and flax's
+    ``BatchNorm()``, whose promotion gives float32.
+    """
     bshape = tuple(features if a == axis % ndim else 1 for a in range(ndim))
+    out = jnp.dtype(out_dtype)
 
     def proxy(x: jax.Array, params: Any, stats: None) -> jax.Array:
         del stats
-        return (x * params["scale"].reshape(bshape) + params["bias"].reshape(bshape)).astype(
-            x.dtype
-        )
+        return (x * params["scale"].reshape(bshape) + params["bias"].reshape(bshape)).astype(out)
 
     def jaxbn_train(x: jax.Array, params: Any, stats: Any) -> tuple[jax.Array, Any]:
         return jaxbn.batch_norm(
@@ -63,31 +110,27 @@ def _layers(axis: int, ndim: int, features: int, axis_name: str | None = None) -
     def jaxbn_eval(x: jax.Array, params: Any, stats: Any) -> jax.Array:
         return jaxbn.batch_norm(x, params, stats, training=False, axis=axis)[0]
 
+    flax_stats = {"mean": jnp.zeros(features), "var": jnp.ones(features)}
+    mixed = out != jnp.dtype(x_dtype)
     layers = {
         "proxy": Layer(lambda x, p, s: (proxy(x, p, s), s), proxy, None),
-        "jaxbn": Layer(jaxbn_train, jaxbn_eval, jaxbn.init(features)[1]),
+        "jaxbn": _linen_layer(
+            jaxbn.linen.BatchNorm(axis=axis, momentum=0.9, axis_name=axis_name), flax_stats
+        ) if mixed else Layer(jaxbn_train, jaxbn_eval, jaxbn.init(features)[1]),
     }
-    flax_stats = {"mean": jnp.zeros(features), "var": jnp.ones(features)}
+    flax_dtype = None if out == jnp.float32 else out
     for name, fast in (("flax", True), ("flax_two_pass", False)):
         module = nn.BatchNorm(
-            axis=axis, momentum=0.9, use_fast_variance=fast, axis_name=axis_name
+            axis=axis, momentum=0.9, use_fast_variance=fast, axis_name=axis_name,
+            dtype=flax_dtype,
         )
-
-        def train(x: jax.Array, params: Any, stats: Any, module: nn.BatchNorm = module) -> Any:
-            y, updates = module.apply(
-                {"params": params, "batch_stats": stats}, x, False, mutable=["batch_stats"]
-            )
-            return y, updates["batch_stats"]
-
-        def evaluate(x: jax.Array, params: Any, stats: Any, module: nn.BatchNorm = module) -> Any:
-            return module.apply({"params": params, "batch_stats": stats}, x, True)
-
-        layers[name] = Layer(train, evaluate, flax_stats)
+        layers[name] = _linen_layer(module, flax_stats)
     return layers
 
 
 def _mode_functions(layer: Layer) -> dict[str, LayerFn]:
-    """The training forward, training forward+backward and eval functions of ``layer``."""
+    """The training forward, training forward+backward (as ``jax.vjp`` and as a training
+    step's ``jax.grad``) and eval functions of ``layer``."""
 
     def train_fwd(x: jax.Array, params: Any, stats: Any, dy: jax.Array) -> Any:
         del dy
@@ -97,18 +140,26 @@ def _mode_functions(layer: Layer) -> dict[str, LayerFn]:
         (y, new_stats), vjp = jax.vjp(lambda x, p: layer.train(x, p, stats), x, params)
         return y, new_stats, vjp((dy.astype(y.dtype), jax.tree.map(jnp.zeros_like, new_stats)))
 
+    def train_step(x: jax.Array, params: Any, stats: Any, dy: jax.Array) -> Any:
+        def loss(x: jax.Array, params: Any) -> tuple[jax.Array, Any]:
+            y, new_stats = layer.train(x, params, stats)
+            return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32)), new_stats
+
+        return jax.grad(loss, argnums=(0, 1), has_aux=True)(x, params)
+
     def evaluate(x: jax.Array, params: Any, stats: Any, dy: jax.Array) -> Any:
         del dy
         return layer.evaluate(x, params, stats)
 
-    return {"train_fwd": train_fwd, "train_fwd_bwd": train_fwd_bwd, "eval": evaluate}
+    return {"train_fwd": train_fwd, "train_fwd_bwd": train_fwd_bwd, "train_step": train_step,
+            "eval": evaluate}
 
 
-def _data(shape: tuple[int, ...], dtype: Any) -> tuple[jax.Array, jax.Array]:
-    """An input with mean 1 and std 2, and a cotangent, both in ``dtype``."""
+def _data(shape: tuple[int, ...], dtype: Any, out_dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """An input with mean 1 and std 2 in ``dtype``, and a cotangent in ``out_dtype``."""
     x = jax.random.normal(jax.random.key(0), shape, jnp.float32) * 2 + 1
     dy = jax.random.normal(jax.random.key(1), shape, jnp.float32)
-    return x.astype(dtype), dy.astype(dtype)
+    return x.astype(dtype), dy.astype(out_dtype)
 
 
 def _abstract(tree: Any, leading: tuple[int, ...] = ()) -> Any:
@@ -172,7 +223,7 @@ def layer_timings(shapes: list[Shape], rounds: int) -> list[dict[str, Any]]:
     """Per shape and mode: the median times of every implementation, in this process.
 
     Args:
-      shapes: the ``(label, shape, axis, dtype name)`` of each layer input.
+      shapes: the ``(label, shape, axis, dtype name, output dtype name)`` of each layer.
       rounds: rounds of :func:`~experiments.bench.timing.time_interleaved` per mode.
 
     Returns:
@@ -180,10 +231,10 @@ def layer_timings(shapes: list[Shape], rounds: int) -> list[dict[str, Any]]:
       per-round ratio to the proxy) and ``jaxbn_over_flax`` (median per-round ratio).
     """
     out = []
-    for _, shape, axis, dtype_name in shapes:
-        x, dy = _data(tuple(shape), jnp.dtype(dtype_name))
+    for _, shape, axis, dtype_name, out_name in shapes:
+        x, dy = _data(tuple(shape), jnp.dtype(dtype_name), jnp.dtype(out_name))
         params, _ = jaxbn.init(shape[axis])
-        layers = _layers(axis, len(shape), shape[axis])
+        layers = _layers(axis, len(shape), shape[axis], None, dtype_name, out_name)
         row = {}
         for mode in MODES:
             calls = {
@@ -209,7 +260,7 @@ def layer_passes(shapes: list[Shape], ensemble: int = ENSEMBLE) -> list[dict[str
     Nothing is allocated: the programs are lowered from shapes alone.
 
     Args:
-      shapes: the ``(label, shape, axis, dtype name)`` of each layer input.
+      shapes: the ``(label, shape, axis, dtype name, output dtype name)`` of each layer.
       ensemble: the size of the ensemble axis that the training forward+backward is also
         ``jax.vmap``-ed over (x, params, statistics and dy all gain it in front).
 
@@ -222,17 +273,19 @@ def layer_passes(shapes: list[Shape], ensemble: int = ENSEMBLE) -> list[dict[str
       ``residuals`` per implementation (:func:`residuals`).
     """
     out = []
-    for label, shape, axis, dtype_name in shapes:
+    for label, shape, axis, dtype_name, out_name in shapes:
         dtype = jnp.dtype(dtype_name)
         numel = math.prod(shape)
         x = jax.ShapeDtypeStruct(tuple(shape), dtype)
+        dy = jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(out_name))
         params = _abstract(jaxbn.init(shape[axis])[0])
         row: dict[str, Any] = {
             "shape": label, "numel": numel, "itemsize": dtype.itemsize,
             "passes": {mode: {} for mode in MODES}, "vmap_train_fwd_bwd": {}, "residuals": {},
         }
-        for impl, layer in _layers(axis, len(shape), shape[axis]).items():
-            args = (x, params, _abstract(layer.stats), x)
+        layers = _layers(axis, len(shape), shape[axis], None, dtype_name, out_name)
+        for impl, layer in layers.items():
+            args = (x, params, _abstract(layer.stats), dy)
             for mode, fn in _mode_functions(layer).items():
                 passes = count_passes(_optimized_hlo(fn, *args), numel)
                 row["passes"][mode][impl] = {

@@ -2,10 +2,13 @@
 
 The MLP (20 blocks of Dense → norm → relu, adam) is where per-layer overhead shows; ResNet-50
 (:data:`experiments.models.ResNet50`, SGD with Nesterov momentum, as flax's ImageNet example)
-is the network users train. Each is built with :class:`jaxbn.linen.BatchNorm` or
-:class:`flax.linen.BatchNorm` (the MLP also with no norm; ResNet-50 also with flax's
-BatchNorm and then converted by :func:`jaxbn.linen.convert_batch_norm`), and trained by the
-same step: cross-entropy loss, ``batch_stats`` mutable, one optimizer update.
+is the network users train, in float32 and (``"resnet50_bf16"``) in half precision as flax's
+ImageNet example runs it: the model's ``dtype`` bfloat16 with float32 parameters, and every
+BatchNorm given the model's dtype (so both norms read and write bfloat16). Each is built with
+:class:`jaxbn.linen.BatchNorm` or :class:`flax.linen.BatchNorm` (the MLP also with no norm;
+float32 ResNet-50 also with flax's BatchNorm and then converted by
+:func:`jaxbn.linen.convert_batch_norm`), and trained by the same step: cross-entropy loss (on
+float32 logits), ``batch_stats`` mutable, one optimizer update.
 """
 
 from __future__ import annotations
@@ -66,13 +69,17 @@ class DeepMLP(nn.Module):
 
 
 # The optimizer of each model's step: (description for the results, constructor).
+_SGD = (
+    "sgd(0.1, momentum=0.9, nesterov=True)",
+    functools.partial(optax.sgd, 0.1, momentum=0.9, nesterov=True),
+)
 OPTIMIZERS: dict[str, tuple[str, Callable[[], optax.GradientTransformation]]] = {
     "mlp": ("adam(1e-3)", functools.partial(optax.adam, 1e-3)),
-    "resnet50": (
-        "sgd(0.1, momentum=0.9, nesterov=True)",
-        functools.partial(optax.sgd, 0.1, momentum=0.9, nesterov=True),
-    ),
+    "resnet50": _SGD,
+    "resnet50_bf16": _SGD,
 }
+# Training steps whose losses are recorded, from the same start, for every norm but "none".
+TRAJECTORY_STEPS = 5
 
 
 def step_config(model: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -81,17 +88,19 @@ def step_config(model: str, overrides: dict[str, Any] | None = None) -> dict[str
     ``"mlp"``: ``depth`` 20, ``width`` 512, ``batch`` 256, 10 classes. ``"resnet50"``:
     ``stage_sizes`` [3, 4, 6, 3] and ``num_filters`` 64 (ResNet-50 itself; smaller for
     tests), 1000 classes, and ``batch``/``size`` 64 images of 224x224 on a GPU, 4 of 32x32
-    elsewhere (a CPU). The result also names the ``optimizer``, which is fixed per model.
+    elsewhere (a CPU); ``dtype`` float32, or bfloat16 for ``"resnet50_bf16"``. The result
+    also names the ``optimizer``, which is fixed per model.
 
     Raises:
       ValueError: for an unknown ``model`` or an unknown key in ``overrides``.
     """
     if model == "mlp":
         config: dict[str, Any] = {"depth": 20, "width": 512, "batch": 256, "num_classes": 10}
-    elif model == "resnet50":
+    elif model in ("resnet50", "resnet50_bf16"):
         gpu = jax.default_backend() == "gpu"
         config = {"stage_sizes": [3, 4, 6, 3], "num_filters": 64, "batch": 64 if gpu else 4,
-                  "size": 224 if gpu else 32, "num_classes": 1000}
+                  "size": 224 if gpu else 32, "num_classes": 1000,
+                  "dtype": "bfloat16" if model == "resnet50_bf16" else "float32"}
     else:
         raise ValueError(f"Expected `model` in {tuple(STEP_NORMS)}, got {model!r}.")
     unknown = sorted(set(overrides or {}) - set(config))
@@ -118,6 +127,7 @@ def _problem(
         num_filters=config["num_filters"],
         num_classes=config["num_classes"],
         norm=NORM_CLASSES["flax" if norm == "converted" else norm],
+        dtype=jnp.dtype(config["dtype"]),
     )
     if norm == "converted":  # written with flax's BatchNorm, run with jaxbn's
         network = jaxbn.linen.convert_batch_norm(network)
@@ -132,7 +142,9 @@ def _train_step(network: nn.Module, tx: optax.GradientTransformation) -> Callabl
             logits, updates = network.apply(
                 {"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
             )
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            loss = optax.softmax_cross_entropy_with_integer_labels(
+                logits.astype(jnp.float32), labels
+            ).mean()
             return loss, updates.get("batch_stats", {})
 
         (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -161,37 +173,59 @@ def _step_inputs(
 def step_timings(
     rounds: int, mlp: dict[str, Any] | None = None, resnet: dict[str, Any] | None = None
 ) -> dict[str, dict[str, Any]]:
-    """Training-step times of the MLP (no norm, jaxbn, flax) and of ResNet-50 (no norm,
-    jaxbn, flax, flax's converted).
+    """Training-step times of the MLP and of ResNet-50 in float32 and in bfloat16 (no norm,
+    jaxbn, flax; float32 ResNet-50 also flax's converted), and the loss trajectories of
+    jaxbn's and flax's.
 
     Args:
       rounds: rounds of interleaved timing per network.
       mlp: overrides of the MLP's :func:`step_config`.
-      resnet: overrides of ResNet-50's :func:`step_config`.
+      resnet: overrides of ResNet-50's :func:`step_config` (both precisions).
 
     Returns:
-      Per network: its ``config``, the median ``ms`` per norm, and the median per-round
-      ratios ``jaxbn_over_flax``, ``jaxbn_over_none``, ``flax_over_none`` (and, for
-      ResNet-50, ``converted_over_jaxbn``).
+      Per network: its ``config``, the median ``ms`` per norm, the median per-round ratios
+      ``jaxbn_over_flax``, ``jaxbn_over_none`` and ``flax_over_none`` (and, for float32
+      ResNet-50, ``converted_over_jaxbn``); ``losses``: per norm but "none", the losses of
+      :data:`TRAJECTORY_STEPS` training steps from the same variables and batch;
+      ``loss_max_rel_diff``: the largest ``|jaxbn - flax|`` along them, over flax's first
+      loss.
     """
     out = {}
-    for model, overrides in (("mlp", mlp), ("resnet50", resnet)):
+    for model, overrides in (("mlp", mlp), ("resnet50", resnet), ("resnet50_bf16", resnet)):
         config = step_config(model, overrides)
-        calls = {}
+        calls, losses = {}, {}
         for norm in STEP_NORMS[model]:
             network, tx, x_shape = _problem(model, norm, config)
             args = jax.jit(
                 functools.partial(_step_inputs, network, tx, x_shape, config["num_classes"])
             )()
-            calls[norm] = functools.partial(jax.jit(_train_step(network, tx)), *args)
+            step = jax.jit(_train_step(network, tx))
+            calls[norm] = functools.partial(step, *args)
+            if norm != "none":
+                losses[norm] = _trajectory(step, args)
         samples = time_interleaved(calls, rounds)
         out[model] = {
             "config": config,
             "ms": {norm: median_ms(s) for norm, s in samples.items()},
             **{f"{a}_over_{b}": median_ratio(samples[a], samples[b])
                for a, b in RATIOS if a in samples and b in samples},
+            "losses": losses,
+            # Relative to flax's first loss: a loss trained to 0 leaves nothing to divide by.
+            "loss_max_rel_diff": max(
+                abs(a - b) for a, b in zip(losses["jaxbn"], losses["flax"], strict=True)
+            ) / abs(losses["flax"][0]),
         }
     return out
+
+
+def _trajectory(step: Callable[..., Any], args: tuple[Any, ...]) -> list[float]:
+    """The losses of :data:`TRAJECTORY_STEPS` steps from ``args``, the batch held fixed."""
+    params, stats, opt_state, x, labels = args
+    losses = []
+    for _ in range(TRAJECTORY_STEPS):
+        params, stats, opt_state, loss = step(params, stats, opt_state, x, labels)
+        losses.append(float(loss))
+    return losses
 
 
 def compile_time(model: str, norm: str, config: dict[str, Any] | None = None) -> dict[str, float]:
@@ -203,8 +237,8 @@ def compile_time(model: str, norm: str, config: dict[str, Any] | None = None) ->
     network once in eval mode), so that nothing is compiled before the step itself.
 
     Args:
-      model: ``"mlp"`` or ``"resnet50"``.
-      norm: ``"jaxbn"``, ``"flax"``, ``"none"``, or (ResNet-50 only) ``"converted"``.
+      model: ``"mlp"``, ``"resnet50"`` or ``"resnet50_bf16"``.
+      norm: ``"jaxbn"``, ``"flax"``, ``"none"``, or (float32 ResNet-50 only) ``"converted"``.
       config: overrides of the model's :func:`step_config`.
 
     Returns:

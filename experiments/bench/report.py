@@ -47,7 +47,9 @@ def print_report(results: dict[str, Any]) -> None:
 
 
 def _print_layer(row: dict[str, Any]) -> None:
-    print(f"\n{row['shape']} {row['dtype']}  (time as a multiple of the proxy; passes)")
+    dtypes = row["dtype"] if row["out_dtype"] == row["dtype"] else (
+        f"{row['dtype']} in, {row['out_dtype']} out")
+    print(f"\n{row['shape']} {dtypes}  (time as a multiple of the proxy; passes)")
     print(f"  {'mode':15s}" + "".join(f"{impl:>22s}" for impl in IMPLS) + "   jaxbn/flax")
     for mode in MODES:
         cells = "".join(
@@ -107,8 +109,8 @@ def _label(model: str, config: dict[str, Any]) -> str:
                 f"{config['width']}, {config['optimizer']})")
     name = "ResNet-50" if config["stage_sizes"] == [3, 4, 6, 3] else (
         f"ResNet stages {config['stage_sizes']} filters {config['num_filters']}")
-    return (f"{name} step (batch {config['batch']}, {config['size']}x{config['size']}, "
-            f"{config['optimizer']})")
+    return (f"{name} {config['dtype']} step (batch {config['batch']}, "
+            f"{config['size']}x{config['size']}, {config['optimizer']})")
 
 
 def _print_steps(steps: dict[str, Any]) -> None:
@@ -120,7 +122,9 @@ def _print_steps(steps: dict[str, Any]) -> None:
             f"{key.replace('_over_', '/')} {_ratio(step, key, 3)}"
             for key in step if key.endswith(("_over_flax", "_over_none", "_over_jaxbn"))
         )
-        print(f"  {_label(model, step['config'])}: {times}; {ratios}")
+        print(f"  {_label(model, step['config'])}: {times}; {ratios}; loss over "
+              f"{len(step['losses']['flax'])} steps within {step['loss_max_rel_diff']:.1e} "
+              f"of flax's (of its first loss)")
 
 
 def _print_compile(compile_times: dict[str, Any], steps: dict[str, Any], processes: int) -> None:

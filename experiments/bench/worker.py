@@ -78,8 +78,9 @@ def run_in_this_process(task: str, **kwargs: Any) -> Any:
 
 def _run(task: str, kwargs: dict[str, Any]) -> str:
     """The JSON text of ``task``'s result, with ``kwargs`` as they come back from JSON."""
-    if "shapes" in kwargs:  # back from JSON lists to the (label, shape, axis, dtype) tuples
-        kwargs["shapes"] = [(lbl, tuple(s), axis, dt) for lbl, s, axis, dt in kwargs["shapes"]]
+    if "shapes" in kwargs:  # back from JSON lists to the (label, shape, axis, dtypes) tuples
+        kwargs["shapes"] = [(lbl, tuple(s), axis, dt, out)
+                            for lbl, s, axis, dt, out in kwargs["shapes"]]
     function = getattr(importlib.import_module(f"{__package__}.{TASKS[task]}"), task)
     return json.dumps(function(**kwargs))
 
