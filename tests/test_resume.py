@@ -169,10 +169,15 @@ def test_two_processes_one_killed_the_survivor_exits_in_one_line_and_both_resume
     assert lines[0].startswith(f"python -m experiments: lost process {lost} of 2 "), lines
     for sign in ("Check failure stack trace", "Aborted", "Traceback", "\n    @ "):
         assert sign not in stderr, stderr[-3000:]
-    if lost == 1:  # the survivor writes the files: the report, with the claim failed
-        assert "report:" in stdout and (out / "report.md").is_file()
-        assert "error" in json.loads((out / "results.json").read_text())["claims"]["convergence"]
-        assert f"the report of what completed is in {out}" in lines[0]
+    if lost == 0:  # resumed below only where process 0, which writes the files, survived
+        return
+    # The survivor writes the report of what completed: through the failed collective (the
+    # claim marked failed, "report:" printed) or, when a barrier holds its main thread,
+    # through the heartbeat watch (the claim left incomplete); which one depends on timing.
+    assert (out / "report.md").is_file() and f"the report of what completed is in {out}" \
+        in lines[0], (stdout, lines)
+    claim = json.loads((out / "results.json").read_text())["claims"].get("convergence")
+    assert claim is None or "error" in claim, claim
 
     _wait(_resume(out, processes=2))
     assert _values(out) == uninterrupted
