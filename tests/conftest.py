@@ -52,10 +52,20 @@ SHARED_FIXTURES = {
     "test_bench.py": ("toy_passes", "toy_resnet_variables"),
     "test_interop.py": ("trained_torch_bn",),
     "test_recalibrate.py": ("mlp",),
+    "test_resume.py": ("uninterrupted",),
 }
 
 
+# The files whose tests take minutes between them (subprocess runs, the toy bench), first:
+# xdist hands out work in collection order, so a long group started last would leave one
+# worker running it alone at the end.
+LONG_FIRST = ("test_resume.py", "test_bench.py", "test_experiments.py",
+              "test_experiments_variants.py", "test_multihost.py", "test_packaging.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: LONG_FIRST.index(item.path.name)  # stable: the rest in order
+               if item.path.name in LONG_FIRST else len(LONG_FIRST))
     for item in items:
         shared = [name for name in SHARED_FIXTURES.get(item.path.name, ())
                   if name in item.fixturenames]
