@@ -1,7 +1,8 @@
 """The normalization arithmetic: per-feature coefficients, then one scale-and-shift.
 
-Every normalizing path of the library goes through these three functions: training
-(:mod:`jaxbn._train`), evaluation, Batch Renormalization and inference folding.
+Every normalizing path of the library (training in :mod:`jaxbn._train`, evaluation, Batch
+Renormalization and inference folding) takes its coefficients from :func:`coefficients` and
+:func:`multiplier` and applies them with :func:`scale_shift`.
 """
 
 from __future__ import annotations

@@ -70,8 +70,8 @@ class BatchNorm(nn.Module):
       axis_name: the named axis over which statistics are synchronized (pmap/shard_map).
       axis_index_groups: groups of device indices within that axis that sync separately.
       use_fast_variance: accepted for compatibility and not needed: jaxbn's variance is
-        both accurate and computed in one fused reduction pass after the mean, so there is
-        no fast-but-inaccurate mode to opt into.
+        always the accurate two-pass one (a second sum over the centred ``x`` after the
+        mean), so there is no fast-but-inaccurate mode to opt into.
       force_float32_reductions: accepted for compatibility. Statistics are always reduced in
         float32 or wider; when False the running statistics are *stored* in
         ``param_dtype`` as flax does, so checkpoints keep their dtypes.

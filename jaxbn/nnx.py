@@ -77,7 +77,7 @@ class BatchNorm(nnx.Module):
       axis_name: the named axis over which statistics are synchronized.
       axis_index_groups: groups of device indices within that axis that sync separately.
       use_fast_variance: accepted for compatibility and not needed (the variance is always
-        the accurate one, at no extra cost).
+        the accurate two-pass one; there is no fast-but-inaccurate mode).
       promote_dtype: promotes ``(x, mean, var, scale, bias)`` to a common dtype, as in flax.
       rngs: the random number generators for the parameter initializers.
       bias_metadata: metadata for the bias ``nnx.Param``.
