@@ -20,7 +20,9 @@ __all__ = [
     "Moments",
     "abs_sq",
     "combine",
+    "inverse_count",
     "local_moments",
+    "masked_sum",
     "mean_and_var",
     "merge",
     "sync_sum",
@@ -81,16 +83,11 @@ def local_moments(
     else:
         count = jnp.sum(valid, axis=reduction_axes, keepdims=True, dtype=dtype)
 
-    def masked_sum(values: jax.Array) -> jax.Array:
-        if valid is not None:
-            values = jnp.where(valid, values, 0)
-        return jnp.sum(values, axis=reduction_axes, keepdims=True)
-
     for_mean, for_m2 = widened_reads(x, value_dtype, 2)
-    inv_count = jnp.reciprocal(jnp.maximum(count, 1)).astype(value_dtype)  # fuses; / does not
-    mean = masked_sum(for_mean.astype(value_dtype)) * inv_count
+    inv_count = inverse_count(count, value_dtype)
+    mean = masked_sum(for_mean.astype(value_dtype), valid, reduction_axes) * inv_count
     (centre,) = cpu_copies(mean, 1)  # not shared with the normalization's broadcast
-    m2 = masked_sum(abs_sq(for_m2.astype(value_dtype) - centre))
+    m2 = masked_sum(abs_sq(for_m2.astype(value_dtype) - centre), valid, reduction_axes)
     return Moments(count, mean, m2)
 
 
@@ -195,4 +192,31 @@ def merge(a: Moments, b: Moments) -> Moments:
 
 def mean_and_var(moments: Moments) -> tuple[jax.Array, jax.Array]:
     """The mean and the biased variance (M2 / n); both 0 for a feature with no entries."""
-    return moments.mean, moments.m2 * jnp.reciprocal(jnp.maximum(moments.valid_count, 1))
+    return moments.mean, moments.m2 * inverse_count(moments.valid_count)
+
+
+def masked_sum(
+    values: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]
+) -> jax.Array:
+    """``Σ values`` over ``axes`` (kept, with size 1), counting only ``mask``'s entries.
+
+    The others are replaced by 0 before the sum, so a NaN or inf there never enters it.
+    ``mask`` is None (every entry counts) or broadcasts against ``values``.
+    """
+    if mask is not None:
+        values = jnp.where(mask, values, 0)
+    return jnp.sum(values, axis=axes, keepdims=True)
+
+
+def inverse_count(count: jax.Array | int, dtype: Any = None) -> jax.Array:
+    """``1 / max(count, 1)``, in ``dtype`` (None: ``count``'s dtype; float32 for an int).
+
+    Multiplied, never divided by: XLA fuses a per-feature product into the kernel that
+    consumes it but keeps a division as a kernel of its own. A Python int (a count known
+    from the shape) gives a constant, computed here: no kernel at all. A count of 0 (no
+    valid entry) gives 1, so whatever it multiplies (a sum of nothing, 0) stays 0.
+    """
+    if isinstance(count, int):
+        return jnp.asarray(1.0 / max(count, 1), dtype)
+    inverse = jnp.reciprocal(jnp.maximum(count, 1))
+    return inverse if dtype is None else inverse.astype(dtype)

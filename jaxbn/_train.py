@@ -6,6 +6,30 @@ it, which reverse mode uses, is the short backward a hand-written VJP would be: 
 ``Σ dy·x̂`` (also the bias and scale gradients, and the one backward collective), then one
 elementwise pass for ``dx``. Because it is a JVP, every autodiff mode works: ``jax.jvp``,
 ``jax.jacfwd``, ``jax.linearize``, ``jax.grad``, ``jax.hessian``, forward-over-reverse.
+
+Invariants. What must stay true when this file changes, and the test of
+tests/test_train_invariants.py that fails if it does not:
+
+1. **The tangent is linear in** ``(dx, dscale, dbias)`` (and ``depsilon``): every term of
+   ``dy``, ``d_mean`` and ``d_var`` is one tangent times primal values, with no product of
+   two tangents and no term free of them. Reverse mode is the transpose of this map, and
+   only a linear map has one. ``test_the_tangent_is_linear``: superposition, and
+   ``jax.linear_transpose`` of the linearized map equal to the float64 gradient.
+2. **The residuals are** ``x`` **(in its own dtype) and per-feature vectors only.**
+   :func:`_tangent` is checkpointed, so linearizing saves its primal inputs (``x``,
+   ``mean``, ``inv_std``, ``scale``, ``mask``, ``count``) and nothing of ``x``'s size
+   computed from ``x``: ``x̂`` and the float32 reads of a bfloat16 ``x`` are recomputed
+   inside the backward's kernels. ``test_the_residuals_are_x_and_per_feature_vectors``.
+3. **u and v share one collective**, and so do ``a = Σ dx`` and ``b = Σ x̂·dx``. Forward
+   mode: ``a`` and ``b`` cross the devices in one stacked ``psum`` (:func:`_synced`).
+   Reverse mode: ``u`` and ``v`` are cast to vary over the devices as one stack
+   (:func:`_vary_like`), whose transpose is the backward's one ``psum``; cast apart, they
+   would be two. ``test_u_and_v_share_one_collective``.
+4. **The two dy paths agree.** :func:`_per_feature_dy` (``s = scale·inv_std`` is one value
+   per feature: ``dy = s·dx + u + x̂·v``, the short backward) and :func:`_per_entry_dy` (``s``
+   differs within a feature: per-example scale, or complex ``x``) compute the same ``dy``
+   where both apply. ``test_the_two_dy_paths_agree``: a feature-shaped scale and the same
+   scale repeated per example give the same derivatives, equal to float64's.
 """
 
 from __future__ import annotations
@@ -24,7 +48,15 @@ from jax.custom_derivatives import SymbolicZero
 from ._checks import AxisName
 from ._copies import cpu_copies, sum_then_cast
 from ._dtypes import is_complex, stats_dtype
-from ._moments import combine, local_moments, mean_and_var, sync_sum, widened_reads
+from ._moments import (
+    combine,
+    inverse_count,
+    local_moments,
+    masked_sum,
+    mean_and_var,
+    sync_sum,
+    widened_reads,
+)
 from ._normalize import coefficients, compute_dtype, multiplier, scale_shift
 
 __all__ = ["Sync", "normalize_training"]
@@ -144,16 +176,15 @@ def _tangent(
     (the last term is ``∂y/∂epsilon``: ``inv_std = (var + epsilon)^(-1/2)``, so
     ``∂inv_std/∂epsilon = -inv_std³/2``; epsilon moves neither the mean nor the variance).
 
-    When ``s`` is per-feature (the usual feature-shaped scale), the per-feature terms are
-    gathered first, ``dy = s·dx + u + x̂·v`` with ``u = dbias - s·a/n`` and
-    ``v = dscale - s·b/n - s·inv_std·depsilon/2``: transposed, ``u`` and ``v`` need
-    ``Σ ȳ`` and ``Σ ȳ·x̂``, the very sums of the bias and scale gradients (and of
-    epsilon's), so the backward takes two sums, not four,
-    and one collective (``u`` and ``v`` cross to the devices through one stacked
-    ``pcast``, whose transpose is one ``psum``).
+    When ``s`` is per-feature (the usual feature-shaped scale), :func:`_per_feature_dy`
+    gathers the per-feature terms first, ``dy = s·dx + u + x̂·v`` with
+    ``u = dbias - s·a/n`` and ``v = dscale - s·b/n - s·inv_std·depsilon/2``: transposed,
+    ``u`` and ``v`` need ``Σ ȳ`` and ``Σ ȳ·x̂``, the very sums of the bias and scale
+    gradients (and of epsilon's), so the backward takes two sums, not four, and one
+    collective (``u`` and ``v`` cross to the devices through one stacked ``pcast``, whose
+    transpose is one ``psum``). Otherwise :func:`_per_entry_dy` adds the terms as written.
     """
     dtype = compute_dtype(x.dtype, mean, scale, dbias)
-    real = not is_complex(dtype)
     inv_n = _inverse_count(sync, x, mask, count)
     s = multiplier(inv_std, scale, dtype)
     # Σ x̂·dx and the output's x̂ are different kernels: each gets its own copy of x, mean
@@ -167,39 +198,21 @@ def _tangent(
     else:
         dx_for_a, dx_for_b = widened_reads(dx, dtype, 2)
         x_hat_for_b = _x_hat(x_for_sum, *for_sum, dtype)
-        a = _masked_sum(dx_for_a.astype(dtype), mask, sync.reduction_axes)
-        b = _masked_sum(_real_dot(x_hat_for_b, dx_for_b.astype(dtype)), mask, sync.reduction_axes)
+        a = masked_sum(dx_for_a.astype(dtype), mask, sync.reduction_axes)
+        b = masked_sum(_real_dot(x_hat_for_b, dx_for_b.astype(dtype)), mask, sync.reduction_axes)
         a, b = _synced(sync, a.astype(mean.dtype), b.astype(inv_n.dtype))
     d_mean = a * inv_n.astype(a.dtype)
     d_var = 2 * b * inv_n / inv_std
     x_hat = _x_hat(x_for_output, *for_output, dtype)
-    terms = [] if dx is None else [s * dx.astype(dtype)]
     # ∂y/∂epsilon per unit of x̂: -s·inv_std/2 (per feature, or per example with
     # per-example scale).
     d_by_epsilon = (
         None if depsilon is None
         else -0.5 * s * (inv_std * depsilon.astype(inv_std.dtype)).astype(dtype)
     )
-    if real and all(s.shape[axis] == 1 for axis in sync.reduction_axes):
-        u = -s * (a * inv_n)
-        v = -s * (b * inv_n)
-        if dbias is not None:
-            u = u + dbias.astype(dtype)
-        if dscale is not None:
-            v = v + dscale.astype(dtype)
-        if d_by_epsilon is not None:
-            v = v + d_by_epsilon
-        if _varying(x) - (_varying(u) | _varying(v)):  # one cast for both: one collective
-            u, v = _vary_like(x, jnp.stack((u, v)))
-        terms += [u, x_hat * v]
-    else:
-        terms.append(-s * (a.astype(dtype) + x_hat * b.astype(dtype)) * inv_n.astype(dtype))
-        if dscale is not None:
-            terms.append(x_hat * dscale.astype(dtype))
-        if d_by_epsilon is not None:
-            terms.append(x_hat * d_by_epsilon)
-        if dbias is not None:
-            terms.append(_vary_like(x, dbias.astype(dtype)))
+    per_feature = not is_complex(dtype) and all(s.shape[i] == 1 for i in sync.reduction_axes)
+    dy_terms = _per_feature_dy if per_feature else _per_entry_dy
+    terms = dy_terms(x, x_hat, s, inv_n, a, b, dx, dscale, dbias, d_by_epsilon, dtype)
     # Every term with x's shape and sharding type (explicit-sharding jit types them).
     sharding = jax.typeof(x).sharding
     full = [jnp.broadcast_to(t, x.shape, out_sharding=sharding) for t in terms]
@@ -207,17 +220,74 @@ def _tangent(
     return dy, d_mean, d_var
 
 
+def _per_feature_dy(
+    x: jax.Array,
+    x_hat: jax.Array,
+    s: jax.Array,
+    inv_n: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    dx: jax.Array | None,
+    dscale: jax.Array | None,
+    dbias: jax.Array | None,
+    d_by_epsilon: jax.Array | None,
+    dtype: Any,
+) -> list[jax.Array]:
+    """The terms of ``dy`` when ``s`` is one value per feature (real): ``s·dx + u + x̂·v``.
+
+    ``u = dbias - s·a/n`` and ``v = dscale - s·b/n + d_by_epsilon`` are per-feature, so
+    transposed they need only ``Σ ȳ`` and ``Σ ȳ·x̂``; they cross to the devices as one
+    stack (:func:`_vary_like`), whose transpose is one ``psum``.
+    """
+    u = -s * (a * inv_n)
+    v = -s * (b * inv_n)
+    if dbias is not None:
+        u = u + dbias.astype(dtype)
+    if dscale is not None:
+        v = v + dscale.astype(dtype)
+    if d_by_epsilon is not None:
+        v = v + d_by_epsilon
+    if _varying(x) - (_varying(u) | _varying(v)):  # one cast for both: one collective
+        u, v = _vary_like(x, jnp.stack((u, v)))
+    return ([] if dx is None else [s * dx.astype(dtype)]) + [u, x_hat * v]
+
+
+def _per_entry_dy(
+    x: jax.Array,
+    x_hat: jax.Array,
+    s: jax.Array,
+    inv_n: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    dx: jax.Array | None,
+    dscale: jax.Array | None,
+    dbias: jax.Array | None,
+    d_by_epsilon: jax.Array | None,
+    dtype: Any,
+) -> list[jax.Array]:
+    """The terms of ``dy`` when ``s`` differs within a feature (per-example scale) or is
+    complex: ``s·(dx - a/n - x̂·b/n) + x̂·dscale + x̂·d_by_epsilon + dbias``, term by term."""
+    terms = [] if dx is None else [s * dx.astype(dtype)]
+    terms.append(-s * (a.astype(dtype) + x_hat * b.astype(dtype)) * inv_n.astype(dtype))
+    if dscale is not None:
+        terms.append(x_hat * dscale.astype(dtype))
+    if d_by_epsilon is not None:
+        terms.append(x_hat * d_by_epsilon)
+    if dbias is not None:
+        terms.append(_vary_like(x, dbias.astype(dtype)))
+    return terms
+
+
 def _inverse_count(
     sync: Sync, x: jax.Array, mask: jax.Array | None, count: jax.Array
 ) -> jax.Array:
-    """``1/n`` (real): multiplied, never divided by, as XLA fuses a per-feature product
-    into the kernel that consumes it but keeps a division as a kernel of its own. Without
-    a mask or devices, ``n`` is known from the shape: a constant, and no kernel at all
-    (XLA does not fold arithmetic on a broadcast constant such as ``count``)."""
+    """``1/n`` (real). Without a mask or devices, ``n`` is known from the shape: a constant,
+    and no kernel at all (XLA does not fold arithmetic on a broadcast constant such as
+    ``count``)."""
     if mask is None and sync.axis_name is None:
         entries = math.prod(x.shape[a] for a in sync.reduction_axes)
-        return jnp.asarray(1.0 / max(entries, 1), count.dtype)
-    return jnp.reciprocal(jnp.maximum(count, 1))
+        return inverse_count(entries, count.dtype)
+    return inverse_count(count)
 
 
 def _x_hat(x: jax.Array, mean: jax.Array, inv_std: jax.Array, dtype: Any) -> jax.Array:
@@ -229,14 +299,6 @@ def _real_dot(u: jax.Array, v: jax.Array) -> jax.Array:
     if is_complex(u.dtype):
         return u.real * v.real + u.imag * v.imag
     return u * v
-
-
-def _masked_sum(
-    values: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]
-) -> jax.Array:
-    if mask is not None:
-        values = jnp.where(mask, values, 0)
-    return jnp.sum(values, axis=axes, keepdims=True)
 
 
 def _synced(sync: Sync, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
