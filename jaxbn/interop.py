@@ -29,6 +29,7 @@ torch nor keras. ``torch.nn.Module.load_state_dict`` wants tensors: wrap the val
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,11 +41,11 @@ from ._state import BatchStats, Params
 __all__ = [
     "from_keras",
     "from_torch",
-    "keras_kwargs",
+    "kwargs_from_keras",
+    "kwargs_from_torch",
+    "kwargs_to_torch",
     "to_keras",
     "to_torch",
-    "torch_kwargs",
-    "torch_module_kwargs",
 ]
 
 _KERAS_KEYS = ("gamma", "beta", "moving_mean", "moving_variance")
@@ -178,7 +179,7 @@ def to_torch(
     The inverse of :func:`from_torch`. Values are writable numpy arrays in the statistics'
     dtype, ``num_batches_tracked`` is int64 as in torch. Load them with
     ``module.load_state_dict({k: torch.from_numpy(v) for k, v in entries.items()})``; build
-    the module with :func:`torch_module_kwargs` for the same momentum and epsilon.
+    the module with :func:`kwargs_to_torch` for the same momentum and epsilon.
 
     Args:
       params: ``{"scale", "bias"}`` (both present), or None for ``affine=False``.
@@ -232,7 +233,7 @@ def to_torch(
     return entries
 
 
-def torch_kwargs(module: Any) -> dict[str, Any]:
+def kwargs_from_torch(module: Any) -> dict[str, Any]:
     """The ``batch_norm`` keyword arguments that reproduce a torch batch-norm module.
 
     Torch's ``momentum=m`` (EMA ``(1-m)*old + m*batch``) is jaxbn's ``1 - m``; torch's
@@ -251,7 +252,7 @@ def torch_kwargs(module: Any) -> dict[str, Any]:
     Example:
       >>> from types import SimpleNamespace
       >>> from jaxbn import interop
-      >>> interop.torch_kwargs(SimpleNamespace(momentum=0.1, eps=1e-5))  # torch's defaults
+      >>> interop.kwargs_from_torch(SimpleNamespace(momentum=0.1, eps=1e-5))  # torch's defaults
       {'momentum': 0.9, 'epsilon': 1e-05}
     """
     if not (hasattr(module, "momentum") and hasattr(module, "eps")):
@@ -263,7 +264,7 @@ def torch_kwargs(module: Any) -> dict[str, Any]:
     return {"momentum": momentum, "epsilon": float(module.eps)}
 
 
-def torch_module_kwargs(*, momentum: float | None = 0.99, epsilon: float = 1e-5) -> dict[str, Any]:
+def kwargs_to_torch(*, momentum: float | None = 0.99, epsilon: float = 1e-5) -> dict[str, Any]:
     """The ``torch.nn.BatchNorm*d`` keyword arguments for jaxbn's ``momentum``/``epsilon``.
 
     Args:
@@ -275,7 +276,7 @@ def torch_module_kwargs(*, momentum: float | None = 0.99, epsilon: float = 1e-5)
 
     Example:
       >>> from jaxbn import interop
-      >>> interop.torch_module_kwargs(momentum=0.9, epsilon=1e-5)
+      >>> interop.kwargs_to_torch(momentum=0.9, epsilon=1e-5)
       {'momentum': 0.1, 'eps': 1e-05}
     """
     return {"momentum": None if momentum is None else _complement(momentum), "eps": epsilon}
@@ -293,7 +294,7 @@ def from_keras(
 
     Keras keeps jaxbn's conventions: the EMA ``momentum*old + (1-momentum)*batch`` with the
     biased batch variance, so ``moving_variance`` is ``var`` unchanged and keras's
-    ``momentum`` is ours. Its default ``epsilon`` is 1e-3 (pass :func:`keras_kwargs`). Keras
+    ``momentum`` is ours. Its default ``epsilon`` is 1e-3 (pass :func:`kwargs_from_keras`). Keras
     counts no batches: ``count`` is 0.
 
     Args:
@@ -401,7 +402,7 @@ def to_keras(params: Mapping[str, Any] | None, state: BatchStats) -> dict[str, n
     return out
 
 
-def keras_kwargs(layer: Any) -> dict[str, Any]:
+def kwargs_from_keras(layer: Any) -> dict[str, Any]:
     """The ``batch_norm`` keyword arguments that reproduce a Keras BatchNormalization layer.
 
     Keras's ``momentum`` has jaxbn's direction and is copied; its ``epsilon`` (default 1e-3,
@@ -420,7 +421,7 @@ def keras_kwargs(layer: Any) -> dict[str, Any]:
     Example:
       >>> from types import SimpleNamespace
       >>> from jaxbn import interop
-      >>> interop.keras_kwargs(SimpleNamespace(momentum=0.99, epsilon=1e-3, axis=-1))
+      >>> interop.kwargs_from_keras(SimpleNamespace(momentum=0.99, epsilon=1e-3, axis=-1))
       {'momentum': 0.99, 'epsilon': 0.001, 'axis': -1}
     """
     if not (hasattr(layer, "momentum") and hasattr(layer, "epsilon")):
@@ -431,3 +432,33 @@ def keras_kwargs(layer: Any) -> dict[str, Any]:
     axis = getattr(layer, "axis", -1)
     axis = tuple(axis) if isinstance(axis, (list, tuple)) else int(axis)
     return {"momentum": float(layer.momentum), "epsilon": float(layer.epsilon), "axis": axis}
+
+
+# Deprecated aliases of the functions above, under their former names.
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(
+        f"`jaxbn.interop.{old}` is deprecated: use `jaxbn.interop.{new}`, the same function "
+        f"under a name that says which way it converts.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
+def torch_kwargs(module: Any) -> dict[str, Any]:
+    """Deprecated: :func:`kwargs_from_torch`."""
+    _deprecated("torch_kwargs", "kwargs_from_torch")
+    return kwargs_from_torch(module)
+
+
+def torch_module_kwargs(*, momentum: float | None = 0.99, epsilon: float = 1e-5) -> dict[str, Any]:
+    """Deprecated: :func:`kwargs_to_torch`."""
+    _deprecated("torch_module_kwargs", "kwargs_to_torch")
+    return kwargs_to_torch(momentum=momentum, epsilon=epsilon)
+
+
+def keras_kwargs(layer: Any) -> dict[str, Any]:
+    """Deprecated: :func:`kwargs_from_keras`."""
+    _deprecated("keras_kwargs", "kwargs_from_keras")
+    return kwargs_from_keras(layer)

@@ -51,7 +51,7 @@ def torch_eval(module, x):
 def test_torch_to_jaxbn_same_eval_output_nchw_and_nhwc(trained_torch_bn):
     bn = trained_torch_bn
     params, state = interop.from_torch(bn.state_dict())
-    kwargs = interop.torch_kwargs(bn)
+    kwargs = interop.kwargs_from_torch(bn)
     assert kwargs == {"momentum": 0.8, "epsilon": 1e-4}
     assert int(state.count) == 4 and state.var.dtype == jnp.float32
     x = nchw_batch(10)
@@ -74,7 +74,7 @@ def test_jaxbn_to_torch_round_trip():
         state = step(nchw_batch(seed), state)
     entries = interop.to_torch(params, state, prefix="1.")
     model = torch.nn.Sequential(
-        torch.nn.Identity(), torch.nn.BatchNorm2d(C, **interop.torch_module_kwargs(momentum=0.9))
+        torch.nn.Identity(), torch.nn.BatchNorm2d(C, **interop.kwargs_to_torch(momentum=0.9))
     )
     model.load_state_dict({k: torch.from_numpy(v) for k, v in entries.items()})
     assert model[1].momentum == pytest.approx(0.1) and int(model[1].num_batches_tracked) == 3
@@ -101,7 +101,7 @@ def test_batch_entries_converts_the_training_convention(trained_torch_bn):
         state.var, bn.running_var.numpy() * (n - 1) / n, rtol=1e-6
     )
     _, state = jaxbn.batch_norm(
-        x, params, state, training=True, axis=1, **interop.torch_kwargs(bn)
+        x, params, state, training=True, axis=1, **interop.kwargs_from_torch(bn)
     )
     bn.train()
     with torch.no_grad():
@@ -117,8 +117,8 @@ def test_torch_no_affine_and_cumulative_momentum():
     bn(torch.from_numpy(np.random.default_rng(0).normal(size=(8, C)).astype(np.float32)))
     params, state = interop.from_torch(bn.state_dict())
     assert params is None
-    assert interop.torch_kwargs(bn) == {"momentum": None, "epsilon": 1e-5}
-    assert interop.torch_module_kwargs(momentum=None) == {"momentum": None, "eps": 1e-5}
+    assert interop.kwargs_from_torch(bn) == {"momentum": None, "epsilon": 1e-5}
+    assert interop.kwargs_to_torch(momentum=None) == {"momentum": None, "eps": 1e-5}
     entries = interop.to_torch(None, state)
     assert sorted(entries) == ["num_batches_tracked", "running_mean", "running_var"]
     fresh = torch.nn.BatchNorm1d(C, affine=False)
@@ -157,7 +157,7 @@ def test_keras_list_round_trip_and_eval():
     params, state = interop.from_keras(weights)
     assert int(state.count) == 0
     x = rng.normal(size=(4, 6, C)).astype(np.float32)
-    y, _ = jaxbn.batch_norm(x, params, state, training=False, **interop.keras_kwargs(layer))
+    y, _ = jaxbn.batch_norm(x, params, state, training=False, **interop.kwargs_from_keras(layer))
     np.testing.assert_allclose(y, keras_eval(x, weights, 1e-3), **TOL)
     exported = interop.to_keras(params, state)
     assert list(exported) == ["gamma", "beta", "moving_mean", "moving_variance"]
@@ -204,9 +204,9 @@ def test_errors(trained_torch_bn):
     with pytest.raises(ValueError, match=r"`state` must hold one feature axis"):
         interop.to_torch(None, jaxbn.init((2, 3))[1])
     with pytest.raises(TypeError, match="`module` must be a torch batch-norm module"):
-        interop.torch_kwargs(object())
+        interop.kwargs_from_torch(object())
     with pytest.raises(TypeError, match="`layer` must be a keras BatchNormalization"):
-        interop.keras_kwargs(object())
+        interop.kwargs_from_keras(object())
     with pytest.raises(ValueError, match=r"`weights` as a list must be \['gamma', 'beta'"):
         interop.from_keras([np.ones(C)] * 3)
     with pytest.raises(KeyError, match="`weights` has no"):
@@ -215,3 +215,20 @@ def test_errors(trained_torch_bn):
         interop.from_keras([np.ones(C), np.ones(C), np.ones(C), np.ones(C + 1)])
     with pytest.raises(ValueError, match=r"`params\[\"scale\"\]` must have the statistics"):
         interop.to_keras({"scale": jnp.ones(C + 1)}, state)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "args", "kwargs"),
+    [
+        ("torch_kwargs", "kwargs_from_torch", (SimpleNamespace(momentum=0.2, eps=1e-3),), {}),
+        ("torch_module_kwargs", "kwargs_to_torch", (), {"momentum": 0.8, "epsilon": 1e-3}),
+        ("keras_kwargs", "kwargs_from_keras",
+         (SimpleNamespace(momentum=0.9, epsilon=1e-2, axis=1),), {}),
+    ],
+)
+def test_the_former_names_warn_and_convert_alike(old, new, args, kwargs):
+    with pytest.warns(DeprecationWarning,
+                      match=rf"`jaxbn\.interop\.{old}` is deprecated: use `jaxbn\.interop\.{new}`"):
+        given = getattr(interop, old)(*args, **kwargs)
+    assert given == getattr(interop, new)(*args, **kwargs)
+    assert old not in interop.__all__ and new in interop.__all__
