@@ -18,7 +18,7 @@ from jax.typing import ArrayLike
 from ._checks import check_epsilon
 from ._dtypes import wider_float
 from ._normalize import coefficients, scale_shift
-from ._state import BatchStats
+from ._state import BatchStats, mean_and_var_of
 
 __all__ = ["fold_conv", "fold_dense"]
 
@@ -164,17 +164,6 @@ def fold_conv(
     return _fold(kernel, bias, params, state, epsilon, kernel_layout)
 
 
-def _stats(state: Any) -> tuple[jax.Array, jax.Array]:
-    if isinstance(state, BatchStats):
-        return jnp.asarray(state.mean), jnp.asarray(state.var)
-    if isinstance(state, Mapping) and "mean" in state and "var" in state:
-        return jnp.asarray(state["mean"]), jnp.asarray(state["var"])
-    raise TypeError(
-        "`state` must be a jaxbn.BatchStats or a mapping with \"mean\" and \"var\" (a flax "
-        f"batch_stats entry), got {type(state).__name__}."
-    )
-
-
 def _fold(
     kernel: ArrayLike,
     bias: ArrayLike | None,
@@ -192,7 +181,7 @@ def _fold(
     check_epsilon(epsilon)
     out_axis = kernel_layout.index("O")
     channels = (kernel.shape[out_axis],)
-    mean, var = _stats(state)
+    mean, var = mean_and_var_of(state)
     params = params or {}
     scale, beta = params.get("scale"), params.get("bias")
     named = {

@@ -209,7 +209,8 @@ def masked_sum(
 
 
 def inverse_count(count: jax.Array | int, dtype: Any = None) -> jax.Array:
-    """``1 / max(count, 1)``, in ``dtype`` (None: ``count``'s dtype; float32 for an int).
+    """``1 / max(count, 1)`` of a floating ``count`` or a Python int, cast to ``dtype``
+    (None: ``count``'s dtype; float32 for an int).
 
     Multiplied, never divided by: XLA fuses a per-feature product into the kernel that
     consumes it but keeps a division as a kernel of its own. A Python int (a count known

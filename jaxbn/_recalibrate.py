@@ -25,8 +25,8 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from ._dtypes import stats_dtype
-from ._moments import Moments, merge
-from ._state import BatchStats
+from ._moments import Moments, mean_and_var, merge
+from ._state import BatchStats, is_stats_node, mean_and_var_of
 
 __all__ = [
     "PooledStats",
@@ -41,7 +41,7 @@ __all__ = [
 class PooledStats(NamedTuple):
     """The pooled moments of one layer's batches so far (Chan et al.'s running form)."""
 
-    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as BatchStats does
+    entries: jax.Array
     """float32 (or wider) ``[*feature_shape]``: entries merged so far, per feature."""
     mean: jax.Array
     """float32 (or wider) ``[*feature_shape]``: mean of all entries merged so far."""
@@ -49,6 +49,18 @@ class PooledStats(NamedTuple):
     """float32 (or wider) ``[*feature_shape]``: sum of squared deviations from ``mean``."""
     batches: jax.Array
     """int32 ``[]``: batches that contributed at least one entry to this layer."""
+
+    @property
+    def count(self) -> jax.Array:  # type: ignore[override]  # shadows tuple.count
+        """Deprecated alias of :attr:`entries` (entries per feature, where
+        :attr:`BatchStats.count <jaxbn.BatchStats.count>` counts batches)."""
+        warnings.warn(
+            "`PooledStats.count` is deprecated: use `PooledStats.entries` (the entries merged "
+            "per feature; `batches` counts batches, as `BatchStats.count` does).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.entries
 
 
 class RecalibrationState(NamedTuple):
@@ -61,24 +73,11 @@ class RecalibrationState(NamedTuple):
     """The same tree with a :class:`PooledStats` in place of each statistics node."""
 
 
-def _is_stats_node(node: Any) -> bool:
-    """A :class:`BatchStats`, or a mapping holding array-like ``"mean"`` and ``"var"``."""
-    if isinstance(node, BatchStats):
-        return True
-    return (
-        isinstance(node, Mapping)
-        and "mean" in node
-        and "var" in node
-        and not isinstance(node["mean"], Mapping)
-        and not isinstance(node["var"], Mapping)
-    )
-
-
 def _flatten(tree: Any) -> tuple[list[Any], Any]:
-    return jax.tree.flatten(tree, is_leaf=_is_stats_node)
+    return jax.tree.flatten(tree, is_leaf=is_stats_node)
 
 
-def _paths(tree: Any, is_leaf: Callable[[Any], bool] | None = _is_stats_node) -> list[str]:
+def _paths(tree: Any, is_leaf: Callable[[Any], bool] | None = is_stats_node) -> list[str]:
     """The key path of each leaf (each statistics node by default), as ``keystr`` writes it:
     ``['params']['BatchNorm_0']``; the empty string for the root."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
@@ -105,12 +104,6 @@ def _difference(expected: list[str], given: list[str]) -> str:
     return " and ".join(parts)
 
 
-def _mean_var(node: Any) -> tuple[jax.Array, jax.Array]:
-    if isinstance(node, BatchStats):
-        return jnp.asarray(node.mean), jnp.asarray(node.var)
-    return jnp.asarray(node["mean"]), jnp.asarray(node["var"])
-
-
 def recalibration_init(stats: Any) -> RecalibrationState:
     """Starts pooling batch statistics for every batch-norm layer of ``stats``.
 
@@ -130,11 +123,11 @@ def recalibration_init(stats: Any) -> RecalibrationState:
       >>> import jaxbn
       >>> _, state = jaxbn.init(3)
       >>> acc = jaxbn.recalibration_init({"bn": state})
-      >>> acc.pooled["bn"].count.tolist()
+      >>> acc.pooled["bn"].entries.tolist()
       [0.0, 0.0, 0.0]
     """
     nodes, treedef = _flatten(stats)
-    if not any(_is_stats_node(node) for node in nodes):
+    if not any(is_stats_node(node) for node in nodes):
         leaf_paths = _paths(stats, is_leaf=None)
         leaves = f"its leaves are at {_listing(leaf_paths)}" if leaf_paths else "it is empty"
         raise ValueError(
@@ -144,10 +137,10 @@ def recalibration_init(stats: Any) -> RecalibrationState:
         )
     pooled: list[PooledStats | None] = []
     for node in nodes:
-        if not _is_stats_node(node):
+        if not is_stats_node(node):
             pooled.append(None)
             continue
-        mean, _ = _mean_var(node)
+        mean, _ = mean_and_var_of(node)
         zeros = jnp.zeros(mean.shape, stats_dtype(mean.dtype))
         pooled.append(PooledStats(zeros, zeros, zeros, jnp.zeros((), jnp.int32)))
     return RecalibrationState(stats=stats, pooled=jax.tree.unflatten(treedef, pooled))
@@ -244,7 +237,7 @@ def recalibration_update(
     for path, node, batch, count, pooled in zip(
         paths, nodes, batch_nodes, count_nodes, pooled_nodes, strict=True
     ):
-        if not _is_stats_node(node):
+        if not is_stats_node(node):
             merged.append(None)
             continue
         merged.append(_merge(pooled, batch, count, path))
@@ -253,7 +246,7 @@ def recalibration_update(
 
 def _merge(pooled: PooledStats, batch: Any, count: Any, path: str) -> PooledStats:
     shape, dtype = pooled.mean.shape, pooled.mean.dtype
-    batch_mean, batch_var = _mean_var(batch)
+    batch_mean, batch_var = mean_and_var_of(batch)
     for name, value in (("mean", batch_mean), ("var", batch_var)):
         if value.shape != shape:
             raise ValueError(
@@ -270,13 +263,13 @@ def _merge(pooled: PooledStats, batch: Any, count: Any, path: str) -> PooledStat
     n_b = jnp.where(n_b > 0, n_b, jnp.zeros_like(n_b))
     batch_m2 = n_b * jnp.maximum(batch_var.astype(dtype), 0)
     merged = merge(
-        Moments(pooled.count, pooled.mean, pooled.m2),
+        Moments(pooled.entries, pooled.mean, pooled.m2),
         Moments(n_b, batch_mean.astype(dtype), batch_m2),
     )
     keep = n_b == 0  # unmerged features keep their values, even if the batch's are NaN
     contributed = jnp.any(n_b > 0).astype(jnp.int32)
     return PooledStats(
-        count=merged.valid_count,
+        entries=merged.valid_count,
         mean=jnp.where(keep, pooled.mean, merged.mean),
         m2=jnp.where(keep, pooled.m2, merged.m2),
         batches=pooled.batches + contributed,
@@ -312,15 +305,14 @@ def recalibration_result(acc: RecalibrationState) -> Any:
     pooled_nodes = treedef.flatten_up_to(acc.pooled)
     results = []
     for node, pooled in zip(nodes, pooled_nodes, strict=True):
-        if not _is_stats_node(node):
+        if not is_stats_node(node):
             results.append(node)
             continue
-        old_mean, old_var = _mean_var(node)
-        reached = pooled.count > 0
-        mean = jnp.where(reached, pooled.mean, old_mean.astype(pooled.mean.dtype))
-        var = jnp.where(
-            reached, pooled.m2 / jnp.maximum(pooled.count, 1), old_var.astype(pooled.m2.dtype)
-        )
+        old_mean, old_var = mean_and_var_of(node)
+        reached = pooled.entries > 0
+        pooled_mean, pooled_var = mean_and_var(Moments(pooled.entries, pooled.mean, pooled.m2))
+        mean = jnp.where(reached, pooled_mean, old_mean.astype(pooled_mean.dtype))
+        var = jnp.where(reached, pooled_var, old_var.astype(pooled_var.dtype))
         mean, var = mean.astype(old_mean.dtype), var.astype(old_var.dtype)
         if isinstance(node, BatchStats):
             results.append(
@@ -354,8 +346,8 @@ def _rejected_features(template: Any, batch: Any) -> jax.Array:
     of a batch with non-finite statistics and does not count it), or, for a node that keeps
     no count, its statistics came back bitwise unchanged; or the feature's statistics are
     not finite (a layer that does not reject, such as flax's)."""
-    old_mean, old_var = _mean_var(template)
-    mean, var = _mean_var(batch)
+    old_mean, old_var = mean_and_var_of(template)
+    mean, var = mean_and_var_of(batch)
     old_count, count = _count(template), _count(batch)
     if old_count is not None and count is not None:
         old_count = jnp.asarray(old_count)
@@ -382,11 +374,12 @@ def _update_jit(
     for node, batch, count in zip(
         nodes, batch_nodes, _counts_per_node(counts, acc.stats, treedef), strict=True
     ):
-        if not (_is_stats_node(node) and _is_stats_node(batch)):
+        if not (is_stats_node(node) and is_stats_node(batch)):
             kept.append(count)  # nothing to judge, or recalibration_update raises
             continue
-        shape = _mean_var(node)[0].shape
-        if {a.shape for a in _mean_var(batch)} != {shape} or np.shape(count) not in ((), shape):
+        shape = mean_and_var_of(node)[0].shape
+        batch_shapes = {a.shape for a in mean_and_var_of(batch)}
+        if batch_shapes != {shape} or np.shape(count) not in ((), shape):
             kept.append(count)  # recalibration_update raises
             continue
         rejected = _rejected_features(node, batch)
@@ -503,6 +496,6 @@ def recalibrate(
     if not merged:
         raise ValueError("`batches` yielded no batch: recalibration needs at least one.")
     nodes, _ = _flatten(stats)
-    paths = [p for p, node in zip(_paths(stats), nodes, strict=True) if _is_stats_node(node)]
+    paths = [p for p, node in zip(_paths(stats), nodes, strict=True) if is_stats_node(node)]
     _warn_skipped(skipped, paths)
     return recalibration_result(acc)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +12,9 @@ from jax.typing import DTypeLike
 
 from ._dtypes import is_complex, stats_dtype, with_kind
 
-__all__ = ["BatchStats", "Params", "init"]
+__all__ = ["BatchStats", "Params", "init", "is_stats_node", "mean_and_var_of"]
 
-Params = dict[str, jax.Array]
+Params = dict[str, jax.Array | None]
 """Learned affine parameters: ``{"scale": γ, "bias": β}``, each of the feature shape.
 
 Either key may be absent or ``None`` (no scale, no bias); ``params=None`` means neither.
@@ -118,3 +118,40 @@ def init(
         count=jnp.zeros((), jnp.int32),
     )
     return params, state
+
+
+def is_stats_node(node: Any) -> bool:
+    """A :class:`BatchStats`, or a mapping holding array-like ``"mean"`` and ``"var"`` (a
+    flax ``batch_stats`` entry; not a collection of such entries)."""
+    if isinstance(node, BatchStats):
+        return True
+    return (
+        isinstance(node, Mapping)
+        and "mean" in node
+        and "var" in node
+        and not isinstance(node["mean"], Mapping)
+        and not isinstance(node["var"], Mapping)
+    )
+
+
+def mean_and_var_of(node: Any, name: str = "state") -> tuple[jax.Array, jax.Array]:
+    """The running mean and variance that a statistics node (:func:`is_stats_node`) holds.
+
+    Args:
+      node: a :class:`BatchStats`, or a mapping with ``"mean"`` and ``"var"`` arrays.
+      name: the argument ``node`` was given as, for the error message.
+
+    Returns:
+      ``(mean, var)`` as arrays, in their own dtypes.
+
+    Raises:
+      TypeError: ``node`` is neither.
+    """
+    if isinstance(node, BatchStats):
+        return jnp.asarray(node.mean), jnp.asarray(node.var)
+    if is_stats_node(node):
+        return jnp.asarray(node["mean"]), jnp.asarray(node["var"])
+    raise TypeError(
+        f'`{name}` must be a jaxbn.BatchStats or a mapping with "mean" and "var" (a flax '
+        f"batch_stats entry), got {type(node).__name__}."
+    )

@@ -24,7 +24,8 @@ tests/test_train_invariants.py that fails if it does not:
    mode: ``a`` and ``b`` cross the devices in one stacked ``psum`` (:func:`_synced`).
    Reverse mode: ``u`` and ``v`` are cast to vary over the devices as one stack
    (:func:`_vary_like`), whose transpose is the backward's one ``psum``; cast apart, they
-   would be two. ``test_u_and_v_share_one_collective``.
+   would be two. (Under ``shard_map(check_vma=False)`` nothing is cast, and the backward's
+   one ``psum`` is the transpose of :func:`_synced`'s.) ``test_u_and_v_share_one_collective``.
 4. **The two dy paths agree.** :func:`_per_feature_dy` (``s = scale·inv_std`` is one value
    per feature: ``dy = s·dx + u + x̂·v``, the short backward) and :func:`_per_entry_dy` (``s``
    differs within a feature: per-example scale, or complex ``x``) compute the same ``dy``

@@ -171,6 +171,22 @@ def test_masked_per_feature_counts_and_unreached_features():
     np.testing.assert_array_equal(precise.var[2], 5.0)
 
 
+def test_pooled_entries_count_entries_per_feature_and_count_is_their_deprecated_alias():
+    """``PooledStats.entries`` counts the entries merged per feature (``batches`` counts
+    batches, as ``BatchStats.count`` does); ``.count`` is the same array, with a warning."""
+    _, state = jaxbn.init(2)
+    acc = jaxbn.recalibration_init({"bn": state})
+    for counts in (np.float32([3, 0]), np.float32([4, 5])):
+        acc = jaxbn.recalibration_update(acc, {"bn": state}, counts)
+    pooled = acc.pooled["bn"]
+    assert pooled.entries.tolist() == [7.0, 5.0]
+    assert int(pooled.batches) == 2
+    with pytest.warns(DeprecationWarning,
+                      match=r"`PooledStats.count` is deprecated: use `PooledStats.entries`"):
+        count = pooled.count
+    assert count is pooled.entries
+
+
 def test_counts_as_a_tree_per_layer():
     _, state = jaxbn.init(2)
     acc = jaxbn.recalibration_init({"a": state, "b": state})
