@@ -329,11 +329,13 @@ def test_works_under_strict_promotion(adapter, combo):
     a training step and an eval, against flax's under standard promotion."""
     x_dtype, kwargs, _ = DTYPE_COMBOS[combo]
     tol, eval_tol = _output_tols(adapter, combo)
+    dropin = DROPINS[adapter]
     x = data(ROW_SHAPE, 0, x_dtype)
-    ours, theirs = pair(adapter, x, **kwargs)
     with standard():
+        theirs = dropin.runner(dropin.theirs, x, use_fast_variance=False, **kwargs)
         expected = theirs.train(x), theirs.stats(), theirs.evaluate(x)
     assert jax.config.jax_numpy_dtype_promotion == "strict"
+    ours = dropin.runner(dropin.ours, x, **kwargs)  # init, too, under strict promotion
     chex.assert_trees_all_close(ours.train(x), expected[0], strict=True, **tol)
     chex.assert_trees_all_close(ours.stats(), expected[1], strict=True, **TOL)
     chex.assert_trees_all_close(ours.evaluate(x), expected[2], strict=True, **eval_tol)
