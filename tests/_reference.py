@@ -132,6 +132,32 @@ def normalize(
     return y
 
 
+def inv_std(var: ArrayLike, eps: float = EPS) -> np.ndarray:
+    """``1 / sqrt(var + eps)``: what evaluation multiplies ``x - mean`` by, per feature (and
+    what a fold multiplies a preceding kernel by, with ``scale``)."""
+    return 1 / np.sqrt(as_float64(var) + eps)
+
+
+def eval_grads(
+    x: ArrayLike,
+    dy: ArrayLike,
+    mean: ArrayLike,
+    var: ArrayLike,
+    axis: Axis = -1,
+    scale: ArrayLike | None = None,
+    eps: float = EPS,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The gradients of ``sum(dy * y)``, ``y`` from :func:`normalize` with fixed (running)
+    statistics, with respect to ``x``, ``scale`` and ``bias``: ``dy · scale / sqrt(var +
+    eps)``, ``Σ dy · (x - mean) / sqrt(var + eps)`` and ``Σ dy`` over the reduction axes."""
+    x, dy = as_float64(x), as_float64(dy)
+    dx = dy * placed(inv_std(var, eps), x.shape, axis)
+    if scale is not None:
+        dx = dx * placed(scale, x.shape, axis)
+    x_hat = normalize(x, mean, var, axis, eps=eps)
+    return dx, reduced_to(dy * x_hat, scale, axis), reduced_to(dy, None, axis)
+
+
 def batch_norm(
     x: ArrayLike,
     axis: Axis = -1,
@@ -186,6 +212,26 @@ def grads(
     n = per_feature(count)
     dx = (g - weights * sum_g / n - weights * x_hat * sum_g_x_hat / n) / per_feature(sigma)
     return dx, reduced_to(dy * x_hat, scale, axis), reduced_to(dy, bias, axis)
+
+
+def epsilon_grad(
+    x: ArrayLike,
+    dy: ArrayLike,
+    axis: Axis = -1,
+    scale: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
+    eps: float = EPS,
+) -> float:
+    """The gradient of ``sum(dy * y)``, ``y`` from :func:`batch_norm` (real ``x``), with
+    respect to ``eps``: ``Σ dy · ∂y/∂eps`` with ``∂y/∂eps = -scale · (x - mean) ·
+    (var + eps)^(-3/2) / 2`` (the batch mean and variance do not depend on ``eps``)."""
+    x, dy = as_float64(x), as_float64(dy)
+    mean, var, _ = moments(x, axis, mask)
+    inv_std_cubed = to_input(var + eps, x.shape, axis) ** -1.5
+    dy_deps = -0.5 * (x - to_input(mean, x.shape, axis)) * inv_std_cubed
+    if scale is not None:
+        dy_deps = dy_deps * placed(scale, x.shape, axis)
+    return float(np.sum(dy * dy_deps))
 
 
 def ema(old: ArrayLike, batch: ArrayLike, momentum: float) -> np.ndarray:

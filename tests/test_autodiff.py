@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _parity import assert_tree_close, standard
+from _parity import assert_grads_close, standard
 from flax import nnx
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
@@ -316,11 +316,11 @@ def truth(option: str) -> dict[str, Any]:
     """Every mode but "state" (which must be exactly zero) in float64: central differences
     of the reference and of its analytic gradient."""
     p = problem(option)
-    args = [np.asarray(a.astype(jnp.float32), np.float64) for a in p.args]
-    tangents = [[np.asarray(t.astype(jnp.float32), np.float64) for t in ts] for ts in p.tangents]
-    direction = [np.asarray(v.astype(jnp.float32), np.float64) for v in p.direction]
+    args = [ref.as_float64(a) for a in p.args]
+    tangents = [[ref.as_float64(t) for t in ts] for ts in p.tangents]
+    direction = [ref.as_float64(v) for v in p.direction]
     mask = None if p.mask is None else np.asarray(p.mask)
-    weights = np.asarray(p.weights, np.float64)
+    weights = ref.as_float64(p.weights)
 
     def output(x, scale, bias):
         return ref.batch_norm(x, -1, scale, bias, mask)[0]
@@ -364,7 +364,7 @@ def test_matches_float64(mode, subject, option):
             np.testing.assert_array_equal(np.asarray(leaf.astype(jnp.float32)), 0.0)
         return
     tol = TOLERANCE["bfloat16" if option == "bfloat16" else "float32"]
-    assert_tree_close(got, truth(option)[mode], tol, f"{mode} of {subject} on {option}")
+    assert_grads_close(got, truth(option)[mode], tol, f"{mode} of {subject} on {option}")
 
 
 PARITY_CASES = [
@@ -380,7 +380,7 @@ def test_matches_flax(mode, subject, option):
     counterpart = COUNTERPARTS[subject]
     ours = derivatives(subject, option)[mode]
     theirs = derivatives(counterpart, option)[mode]
-    assert_tree_close(ours, theirs, PARITY_TOLERANCE, f"{mode}: {subject} against {counterpart}")
+    assert_grads_close(ours, theirs, PARITY_TOLERANCE, f"{mode}: {subject} against {counterpart}")
 
 
 # --------------------------------------------------------------------------- epsilon
@@ -470,21 +470,18 @@ def epsilon_derivatives(name: str, option: str) -> dict[str, Any]:
 
 
 def _epsilon_grad(x, scale, bias, mask, weights, epsilon):
-    """∂/∂epsilon of ``Σ weights · tanh(y)``, closed form: ``Σ dy · ∂y/∂epsilon`` with
-    ``dy = weights · (1 - tanh²(y))`` and ``∂y/∂epsilon = -scale·(x - μ)·(var + ε)^(-3/2)/2``
-    (μ and var do not depend on epsilon)."""
-    y, mean, var = ref.batch_norm(x, -1, scale, bias, mask, epsilon)
-    dy = weights * (1 - np.tanh(y) ** 2)
-    dy_deps = -0.5 * scale * (x - mean) * (var + epsilon) ** -1.5
-    return np.sum(dy * dy_deps)
+    """∂/∂epsilon of ``Σ weights · tanh(y)``: the reference's gradient of ``Σ dy · y`` with
+    ``dy = weights · (1 - tanh²(y))``."""
+    y, _, _ = ref.batch_norm(x, -1, scale, bias, mask, epsilon)
+    return ref.epsilon_grad(x, weights * (1 - np.tanh(y) ** 2), -1, scale, mask, epsilon)
 
 
 @functools.cache
 def epsilon_truth(option: str) -> dict[str, Any]:
     p = problem(option)
-    x, scale, bias = (np.asarray(a.astype(jnp.float32), np.float64) for a in p.args)
+    x, scale, bias = (ref.as_float64(a) for a in p.args)
     mask = None if p.mask is None else np.asarray(p.mask)
-    weights = np.asarray(p.weights, np.float64)
+    weights = ref.as_float64(p.weights)
 
     def output(epsilon):
         return ref.batch_norm(x, -1, scale, bias, mask, float(epsilon))[0]
@@ -517,8 +514,8 @@ EPSILON_CASES = [
 def test_epsilon_derivative_matches_float64(mode, subject, option):
     got = epsilon_derivatives(subject, option)[mode]
     tol = TOLERANCE["bfloat16" if option == "bfloat16" else "float32"]
-    assert_tree_close(got, epsilon_truth(option)[mode], tol,
-                      f"d/d epsilon, {mode} of {subject} on {option}")
+    assert_grads_close(got, epsilon_truth(option)[mode], tol,
+                       f"d/d epsilon, {mode} of {subject} on {option}")
 
 
 def test_the_epsilon_gradient_is_not_zero_in_training():
@@ -534,9 +531,8 @@ def test_the_epsilon_gradient_is_not_zero_in_training():
         y, _ = jaxbn.batch_norm(x, params, state, training=True, epsilon=epsilon)
         return jnp.sum(weights * jnp.tanh(y))
 
-    x64 = np.asarray(x, np.float64)
-    expected = _epsilon_grad(x64, np.ones(8), np.zeros(8), None, np.asarray(weights, np.float64),
-                             1e-3)
+    expected = _epsilon_grad(ref.as_float64(x), np.ones(8), np.zeros(8), None,
+                             ref.as_float64(weights), 1e-3)
     got = float(jax.grad(loss)(jnp.float32(1e-3)))
     assert abs(expected) > 10  # far from the 0.0 that was returned
     np.testing.assert_allclose(got, expected, rtol=1e-4)

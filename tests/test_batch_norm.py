@@ -1,17 +1,20 @@
-"""jaxbn.batch_norm against the float64 numpy reference (tests/_reference.py), and flax for
-accuracy."""
+"""jaxbn.batch_norm against the float64 numpy reference (tests/_reference.py).
+
+Accuracy when |mean| >> std is tests/test_branch_free.py's, and every autodiff mode on a
+plain and a masked batch is tests/test_autodiff.py's; the gradient tests here cover the
+layouts, mask shapes and dtypes that matrix does not."""
 
 from __future__ import annotations
 
 import functools
 
 import _reference as ref
-import flax.linen as nn
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _parity import assert_tree_close
+from _parity import assert_grads_close
 
 import jaxbn
 
@@ -129,18 +132,15 @@ def _grads(x, dy, scale, bias, axis, mask=None):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, scale, bias)
 
 
-def _assert_grads_close(got, expected):
-    assert_tree_close(tuple(got), tuple(expected), 1e-4, "dx, dscale, dbias")
-
-
-@pytest.mark.parametrize(("shape", "axis"), SHAPES_AXES[:5])
+# NC is tests/test_autodiff.py's float32 problem.
+@pytest.mark.parametrize(("shape", "axis"), SHAPES_AXES[1:5])
 def test_gradients_match_analytic_formula(shape, axis):
     rng = np.random.default_rng(3)
     x = _data(rng, shape, axis)
     dy = rng.normal(size=shape).astype(np.float32)
     scale, bias = _random_params(rng, ref.feature_shape(shape, axis))
     got = _grads(x, dy, scale, bias, axis)
-    _assert_grads_close(got, ref.grads(x, dy, axis, scale))
+    assert_grads_close(got, ref.grads(x, dy, axis, scale))
 
 
 @pytest.mark.parametrize(
@@ -148,7 +148,6 @@ def test_gradients_match_analytic_formula(shape, axis):
     [
         pytest.param((24, 4), (24, 1), id="(N,1)"),
         pytest.param((24, 4), (24, 4), id="(N,C)"),
-        pytest.param((6, 5, 4), (6, 5, 4), id="full"),
     ],
 )
 def test_gradients_with_mask_match_analytic_formula(shape, mask_shape):
@@ -158,13 +157,12 @@ def test_gradients_with_mask_match_analytic_formula(shape, mask_shape):
     scale, bias = _random_params(rng, (shape[-1],))
     mask = _random_mask(rng, mask_shape)
     got = _grads(x, dy, scale, bias, -1, jnp.asarray(mask))
-    expected = ref.grads(x, dy, -1, scale, mask)
-    _assert_grads_close(got, expected)
+    assert_grads_close(got, ref.grads(x, dy, -1, scale, mask))
 
 
 def test_masked_out_entries_get_only_the_direct_gradient():
     # One idea, stated on its own: a masked-out entry does not feed the statistics, so its
-    # gradient is exactly dy * scale / σ.
+    # gradient is the direct path dy * scale / σ alone (ref.grads with m = 0).
     rng = np.random.default_rng(5)
     x = _data(rng, (20, 3), -1)
     dy = rng.normal(size=x.shape).astype(np.float32)
@@ -172,8 +170,7 @@ def test_masked_out_entries_get_only_the_direct_gradient():
     mask = np.ones((20, 1), bool)
     mask[15:] = False
     dx, _, _ = _grads(x, dy, scale, bias, -1, jnp.asarray(mask))
-    _, var, _ = ref.moments(x, -1, mask)
-    direct = dy[15:] * scale / np.sqrt(var + ref.EPS)
+    direct = ref.grads(x, dy, -1, scale, mask)[0][15:]
     np.testing.assert_allclose(np.asarray(dx)[15:], direct, rtol=1e-5, atol=1e-6)
 
 
@@ -327,32 +324,18 @@ def test_feature_with_every_entry_masked_keeps_its_running_statistics():
 
 @pytest.mark.parametrize("momentum", [0.9, None])
 def test_whole_batch_masked_gives_finite_output_and_keeps_statistics(momentum):
+    # BatchStats.count is "the number of batches merged into mean/var"; a batch with no valid
+    # entry merges nothing, so it is not counted either (with momentum=None the count sets the
+    # weight 1/k of the next batch).
     rng = np.random.default_rng(14)
     x = _data(rng, (10, 3), -1)
-    state = _state(rng, (3,))
+    state = _state(rng, (3,), count=2)
     y, new = batch_norm(
         x, None, state, training=True, momentum=momentum, mask=np.zeros((10, 1), bool)
     )
-    assert np.all(np.isfinite(np.asarray(y)))
+    chex.assert_tree_all_finite(y)
     _assert_bits_equal(new.mean, state.mean)
     _assert_bits_equal(new.var, state.var)
-
-
-@pytest.mark.parametrize("momentum", [0.9, None])
-def test_whole_batch_masked_is_not_counted(momentum):
-    # BatchStats.count is "the number of batches merged into mean/var"; a batch with no valid
-    # entry merges nothing, so it must not be counted (with momentum=None the count sets the
-    # weight 1/k of the next batch).
-    rng = np.random.default_rng(15)
-    state = _state(rng, (3,), count=2)
-    _, new = batch_norm(
-        _data(rng, (10, 3), -1),
-        None,
-        state,
-        training=True,
-        momentum=momentum,
-        mask=np.zeros((10, 1), bool),
-    )
     assert int(new.count) == 2
 
 
@@ -373,38 +356,6 @@ def test_cumulative_average_skips_a_fully_masked_batch():
 
 
 # ----------------------------------------------------------------------------------------------
-# Accuracy when |mean| >> std
-# ----------------------------------------------------------------------------------------------
-
-
-def _flax_batch_variance(x: np.ndarray) -> np.ndarray:
-    """flax.linen.BatchNorm's batch variance with its defaults (use_fast_variance=True)."""
-    module = nn.BatchNorm(use_running_average=False, momentum=0.0, axis=-1)
-    with jax.numpy_dtype_promotion("standard"):
-        variables = module.init(jax.random.key(0), x)
-        _, updates = module.apply(variables, x, mutable=["batch_stats"])
-    return np.asarray(updates["batch_stats"]["var"], np.float64)
-
-
-@pytest.mark.parametrize("shape", [(1024, 8), (64, 16, 16, 8)], ids=["(1024,8)", "conv"])
-def test_variance_accurate_when_mean_is_large(shape):
-    rng = np.random.default_rng(17)
-    x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
-    _, true_var, _ = ref.moments(x, -1)  # float64 on the very same float32 values
-    _, state = jaxbn.init(8)
-    _, new = batch_norm(x, None, state, training=True, momentum=0.0)
-    jaxbn_error = np.max(np.abs(np.asarray(new.var, np.float64) - true_var) / true_var)
-    flax_error = np.max(np.abs(_flax_batch_variance(x) - true_var) / true_var)
-    message = (
-        f"shape {shape}, mean 1e4, std 1: max relative error of the batch variance "
-        f"jaxbn {jaxbn_error:.3g}, flax.linen.BatchNorm (use_fast_variance=True) {flax_error:.3g}"
-    )
-    print(message)
-    assert jaxbn_error < 1e-3, message
-    assert flax_error > 1e-1, message
-
-
-# ----------------------------------------------------------------------------------------------
 # Dtypes
 # ----------------------------------------------------------------------------------------------
 
@@ -421,7 +372,7 @@ def test_low_precision_input(dtype, tol, training):
     y, new = batch_norm(x, {"scale": scale, "bias": bias}, state, training=training, momentum=0.0)
     assert y.dtype == dtype
     assert jax.tree.map(jax.typeof, new) == jax.tree.map(jax.typeof, state)
-    x64 = np.asarray(x.astype(jnp.float32), np.float64)  # the values jaxbn actually received
+    x64 = ref.as_float64(x)  # the values jaxbn actually received
     if training:
         expected, mean, var = ref.batch_norm(x64, -1, scale, bias)
         # Statistics in float32: far tighter than a float16/bfloat16 reduction could be.
@@ -445,7 +396,7 @@ def test_low_precision_gradients_match_float64(dtype, offset, masked):
     scale, bias = _random_params(rng, (8,))
     mask = _random_mask(rng, (64, 1)) if masked else None
     got = _grads(x, dy, scale, bias, -1, None if mask is None else jnp.asarray(mask))
-    x64, dy64 = (np.asarray(v.astype(jnp.float32), np.float64) for v in (x, dy))
+    x64, dy64 = ref.as_float64(x), ref.as_float64(dy)  # the values jaxbn received
     dx, dscale, dbias = ref.grads(x64, dy64, -1, scale, mask)
     assert got[0].dtype == dtype and got[1].dtype == got[2].dtype == jnp.float32
     # The scale and bias gradients are float32 sums of the exact input values.
@@ -471,8 +422,7 @@ def test_low_precision_synchronized_statistics_under_vmap():
             axis_name="d",
         )
     )(x)
-    x64 = np.asarray(x.astype(jnp.float32), np.float64)
-    expected, mean, var = ref.batch_norm(x64.reshape(-1, 3), -1)
+    expected, mean, var = ref.batch_norm(ref.as_float64(x).reshape(-1, 3), -1)
     np.testing.assert_allclose(np.asarray(new.mean[0]), mean, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.asarray(new.var[0]), var, rtol=1e-5)
     np.testing.assert_allclose(
@@ -667,9 +617,8 @@ def test_float64_eval_computes_in_float64_with_a_float32_state():
     rng = np.random.default_rng(22)
     x_np = rng.normal(1e3, 1e-3, size=(16, 3))
     params, state = jaxbn.init(3)
-    state = state._replace(
-        mean=jnp.asarray(x_np.mean(0), jnp.float32), var=jnp.asarray(x_np.var(0), jnp.float32)
-    )
+    mean, var, _ = ref.moments(x_np)
+    state = state._replace(mean=jnp.asarray(mean, jnp.float32), var=jnp.asarray(var, jnp.float32))
     expected = ref.normalize(x_np, state.mean, state.var)
     with jax.enable_x64(True):
         y, _ = jaxbn.batch_norm(jnp.asarray(x_np), params, state, training=False)
@@ -677,36 +626,8 @@ def test_float64_eval_computes_in_float64_with_a_float32_state():
         np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-9, atol=1e-9)
 
 
-def test_second_order_reverse_mode_matches_flax():
-    # The training-mode rule is itself differentiable: a Hessian-vector product through
-    # training-mode BN (as MAML or a gradient penalty needs) equals flax's plain-autodiff one.
-    import flax.linen as nn
-
-    rng = np.random.default_rng(23)
-    x = jnp.asarray(rng.normal(2.0, 1.5, size=(16, 3)), jnp.float32)
-    v = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
-    params, state = jaxbn.init(3)
-    module = nn.BatchNorm(use_running_average=False, use_fast_variance=False)
-    variables = module.init(jax.random.key(0), x)
-
-    def ours(x):
-        return jnp.sum(jnp.tanh(jaxbn.batch_norm(x, params, state, training=True)[0]) * w)
-
-    def flax_loss(x):
-        y = module.apply(variables, x, mutable=["batch_stats"])[0]
-        return jnp.sum(jnp.tanh(y) * w)
-
-    def hvp(f):
-        return jax.grad(lambda x: jnp.vdot(jax.grad(f)(x), v))(x)
-
-    np.testing.assert_allclose(np.asarray(hvp(ours)), np.asarray(hvp(flax_loss)), atol=1e-4)
-    np.testing.assert_allclose(
-        np.asarray(jax.hessian(ours)(x)), np.asarray(jax.hessian(flax_loss)(x)), atol=1e-4
-    )
-
-
-@pytest.mark.parametrize("offset", [0.0, 30.0, 1e3], ids=["centred", "borderline", "large-mean"])
+# The centred regime is tests/test_autodiff.py's float32 problem.
+@pytest.mark.parametrize("offset", [30.0, 1e3], ids=["borderline", "large-mean"])
 def test_gradients_in_both_conditioning_regimes(offset):
     # The gradient sums are centred (Σ dy·(x - mean)), so they stay accurate as the mean
     # grows; regression test for the one-pass form Σ dy·x - mean·Σ dy, which loses them.
@@ -715,7 +636,7 @@ def test_gradients_in_both_conditioning_regimes(offset):
     dy = rng.normal(size=x.shape).astype(np.float32)
     scale, bias = _random_params(rng, (4,))
     got = _grads(x, dy, scale, bias, -1)
-    expected = ref.grads(np.asarray(x, np.float64), dy, -1, scale)
+    expected = ref.grads(x, dy, -1, scale)
     tol = 1e-4 if offset < 100 else 2e-3  # float32 x itself carries 6e-5 absolute at 1e3
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(np.asarray(g), e, rtol=tol, atol=tol)

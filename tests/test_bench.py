@@ -85,18 +85,35 @@ def _training_passes(shape, axis, dtype):
     )
 
 
+# Passes over an x-sized array in training on XLA:CPU, where each sum is its own kernel
+# (sibling reductions are not fused). The forward reads x for Σx, for Σ|x - mean|² and for y,
+# and writes y: 3 reads, 1 write. The backward reads dy for Σdy, dy and x for Σdy·(x - mean),
+# dy and x for dx, and writes dx: 5 reads, 1 write. A regression shows as more; a kernel that
+# fuses sibling sums may give fewer, down to the floor: one read of x for both statistics, one
+# for y (2 reads, 1 write forward), and one fused read of dy and x for both backward sums
+# (6 reads, 2 writes forward and backward).
+FORWARD_PASSES = {"floor": (2, 1), "now": (3, 1)}  # (reads, writes)
+FORWARD_BACKWARD_PASSES = {"floor": (6, 2), "now": (8, 2)}
+
+
+@pytest.mark.skipif(
+    jax.default_backend() != "cpu",
+    reason="the counts are facts of XLA:CPU, which runs each sum as its own kernel",
+)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize(
     ("shape", "axis"), [(SHAPE, -1), ((32, 16, 8, 8), 1)], ids=["NHWC", "NCHW"]
 )
 def test_training_passes(shape, axis, dtype):
-    # On XLA:CPU each sum is its own kernel (sibling reductions are not fused), so the
-    # forward is Σx, Σx² (2 reads) + y (1 read, 1 write), and the backward Σdy, Σdy·x
-    # (3 reads) + dx (2 reads, 1 write): 4 and 10, against flax's 4 and 15. bfloat16 is read
-    # as bfloat16 inside every kernel: the same counts and no float32 copy of x or dy.
+    """At most today's passes, and no fewer than the floor (a counter that fails to see a
+    kernel would pass the first bound alone). bfloat16 is read as bfloat16 inside every
+    kernel: the same counts and no float32 copy of x or dy. tests/test_branch_free.py shows
+    that an ensemble under vmap adds none."""
     forward, forward_backward = _training_passes(shape, axis, dtype)
-    assert (forward.reads, forward.writes) == (3, 1)
-    assert (forward_backward.reads, forward_backward.writes) == (8, 2)
+    for passes, bounds in ((forward, FORWARD_PASSES), (forward_backward, FORWARD_BACKWARD_PASSES)):
+        (floor_reads, floor_writes), (reads, writes) = bounds["floor"], bounds["now"]
+        assert floor_reads <= passes.reads <= reads, passes
+        assert floor_writes <= passes.writes <= writes, passes
     if dtype == jnp.bfloat16:
         assert forward.f32_copies == forward_backward.f32_copies == 0
 

@@ -6,6 +6,8 @@ platform, while the variance stays accurate at |mean|/std = 1e4 (where flax's de
 E[x²] - E[x]² loses it entirely).
 """
 
+import _reference as ref
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,27 +102,11 @@ def test_vmap_over_an_ensemble_adds_no_pass(shape, axis, dtype):
         jax.jit(jax.vmap(step)).lower(xs, stack(params), stack(state), xs).compile().as_text(),
         xs.size,
     )
-    assert ensemble.total <= single.total
-    assert ensemble.f32_copies <= single.f32_copies
-
-
-@pytest.mark.skipif(
-    jax.default_backend() != "cpu",
-    reason="exact pass counts are facts of XLA:CPU, which runs each sum as its own kernel",
-)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
-def test_vmapped_ensemble_pass_counts_on_xla_cpu(dtype):
-    # Σx, Σ(x - mean)², y: 3 reads and 1 write forward; Σdy, Σdy·(x - mean), dx: 5 reads and
-    # 1 write backward. The same per element for an ensemble of 4 under vmap.
-    shape = (32, 8, 8, 16)
-    step, params, state = _forward_backward(shape, -1, dtype)
-    xs = jnp.ones((4, *shape), dtype)
-    stack = lambda tree: jax.tree.map(lambda a: jnp.stack([a] * 4), tree)  # noqa: E731
-    hlo = jax.jit(jax.vmap(step)).lower(xs, stack(params), stack(state), xs).compile().as_text()
-    passes = count_passes(hlo, xs.size)
-    assert (passes.reads, passes.writes) == (8, 2)
-    if dtype == jnp.bfloat16:
-        assert passes.f32_copies == 0
+    # Per element of the ensemble: no more reads, writes or float32 copies than one member's
+    # (whose counts on XLA:CPU tests/test_bench.py bounds).
+    assert ensemble.reads <= single.reads, (ensemble, single)
+    assert ensemble.writes <= single.writes, (ensemble, single)
+    assert ensemble.f32_copies <= single.f32_copies, (ensemble, single)
 
 
 # Accuracy at |mean|/std = 1e4: the variance's relative error against float64, < 1e-3.
@@ -145,11 +131,12 @@ def _large_mean_data(seed, shape, scale=1.0):
     return (means + scale * rng.standard_normal(shape)).astype(np.float32)
 
 
-def test_first_batch_from_a_fresh_state():
-    x = _large_mean_data(0, (512, 6))
+@pytest.mark.parametrize("shape", [(512, 6), (16, 8, 8, 6)], ids=["dense", "conv"])
+def test_first_batch_from_a_fresh_state(shape):
+    x = _large_mean_data(0, shape)
     _, state = jaxbn.init(6)
     var = _batch_var(x, state)
-    assert _relative_error(var, np.var(x.astype(np.float64), axis=0)) < TOLERANCE
+    assert _relative_error(var, ref.moments(x)[1]) < TOLERANCE
 
 
 def test_batch_far_from_the_running_mean():
@@ -158,7 +145,7 @@ def test_batch_far_from_the_running_mean():
     x = _large_mean_data(1, (512, 6))
     for shift in (0.0, -2e4):  # far on either side of the running mean
         var = _batch_var(x + np.float32(shift), state)
-        reference = np.var(x.astype(np.float64) + shift, axis=0)
+        reference = ref.moments(x + np.float32(shift))[1]
         assert _relative_error(var, reference) < TOLERANCE
 
 
@@ -169,7 +156,7 @@ def test_masked_entries_holding_nan():
     _, state = jaxbn.init(6)
     var = _batch_var(x, state, mask=valid[:, None])
     assert np.all(np.isfinite(var))
-    assert _relative_error(var, np.var(x[valid].astype(np.float64), axis=0)) < TOLERANCE
+    assert _relative_error(var, ref.moments(x[valid])[1]) < TOLERANCE
 
 
 def test_bfloat16_within_its_own_rounding():
@@ -180,7 +167,7 @@ def test_bfloat16_within_its_own_rounding():
     x = jnp.asarray(1e4 + 32.0 * rng.standard_normal((2048, 4)), jnp.bfloat16)
     _, state = jaxbn.init(4)
     var = _batch_var(x, state)
-    reference = np.var(np.asarray(x, np.float64), axis=0)
+    reference = ref.moments(x)[1]
     assert _relative_error(var, reference) < TOLERANCE
 
 
@@ -199,15 +186,18 @@ def test_devices_with_uneven_counts():
     var = jax.jit(
         jax.shard_map(per_device, mesh=mesh, in_specs=(P("batch"), P("batch")), out_specs=P())
     )(jax.device_put(x, sharded), jax.device_put(valid[:, None], sharded))
-    assert _relative_error(var, np.var(x[valid].astype(np.float64), axis=0)) < TOLERANCE
+    assert _relative_error(var, ref.moments(x[valid])[1]) < TOLERANCE
 
 
-def test_flax_fast_variance_fails_where_we_do_not():
-    # Negative control: the one-pass formula is far off on the same data, so the tests
-    # above would catch a return to it.
-    x = _large_mean_data(0, (512, 6))
-    x64 = x.astype(np.float64)
-    one_pass = np.mean(np.square(x), axis=0, dtype=np.float32) - np.square(
-        np.mean(x, axis=0, dtype=np.float32)
-    )
-    assert _relative_error(np.maximum(one_pass, 0), np.var(x64, axis=0)) > 1.0
+@pytest.mark.parametrize("shape", [(512, 6), (16, 8, 8, 6)], ids=["dense", "conv"])
+def test_flax_fast_variance_fails_where_we_do_not(shape):
+    # Negative control: flax.linen.BatchNorm with its defaults (the one-pass
+    # E[x²] - E[x]², clipped at 0) is far off on the same data, so the tests above would
+    # catch a return to that formula.
+    x = _large_mean_data(0, shape)
+    module = nn.BatchNorm(use_running_average=False, momentum=0.0)
+    assert module.use_fast_variance
+    with jax.numpy_dtype_promotion("standard"):
+        variables = module.init(jax.random.key(0), x)
+        _, updates = module.apply(variables, x, mutable=["batch_stats"])
+    assert _relative_error(updates["batch_stats"]["var"], ref.moments(x)[1]) > 0.5

@@ -562,21 +562,18 @@ def test_collectives_in_compiled_hlo():
     """One collective per layer forward and exactly one more backward, from optimized HLO.
 
     The counts are asserted, not the kinds (an all-gather of per-device moments and an
-    all-reduce of shifted sums are both one collective). Measured with jax 0.10.2 on CPU, one
-    layer under shard_map (default check_vma=True): forward 1 all-gather of the per-device
-    (count, mean, M2); grad wrt x 1 all-gather + 1 all-reduce (the cross-device sums
-    Σdy and Σdy·x̂ that dx needs); grad wrt x and (scale, bias) still 2 in all. Those same two
-    sums are the gradients of bias and scale, so the psum that replicated (P()) params need
-    rides in the same all-reduce: with the custom VJP jaxbn emits one psum for both, and with
-    plain autodiff (commit a25782f) XLA's all-reduce combiner merged JAX's implicit param
-    psum into the statistics' tuple all-reduce. flax (fast variance): 1 all-reduce forward,
-    2 backward.
-    With check_vma=False JAX inserts no psum of its own: the backward collective must come
-    from jaxbn. dx needs sums over all devices, so a backward pass with no collective at all
-    is a wrong gradient (a25782f's all_gather(to='invarying') transposes to a local slice).
-    The custom JVP (jaxbn/_train.py) keeps the custom VJP's counts: its tangent's one psum
-    of (Σdy, Σdy·x̂), transposed, is the backward's only collective, with or without the
-    params' gradients and in every layer of a stack (1 forward, 2 forward+backward per layer).
+    all-reduce of sums are both one collective). One layer under shard_map (default
+    check_vma=True): the forward has 1 all-gather of the per-device (count, mean, M2); the
+    gradient with respect to x has 1 all-gather and 1 all-reduce (the cross-device sums Σdy
+    and Σdy·x̂ that dx needs); the gradient with respect to x and (scale, bias) still has 2 in
+    all: those two sums are the gradients of bias and scale, so the psum that replicated (P())
+    params need is that same all-reduce. The custom JVP (jaxbn/_train.py) psums its
+    tangent's (Σdy, Σdy·x̂) once; transposed, that psum is the backward's only collective, with
+    or without the params' gradients and in every layer of a stack (1 forward, 2 forward and
+    backward per layer). With check_vma=False JAX inserts no psum of its own, so that
+    collective is jaxbn's: dx needs sums over all devices, and a backward pass with no
+    collective would give a wrong gradient. flax.linen.BatchNorm (fast variance) is printed
+    beside ours (1 all-reduce forward, 2 backward), not asserted.
     """
     mesh = _mesh((DEVICES,), ("batch",))
     one = _layer_stack(1, mesh)

@@ -6,6 +6,7 @@ matrix product, then ``(y - mean) / sqrt(var + eps) * scale + beta``.
 
 from __future__ import annotations
 
+import _reference as ref
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,16 +34,9 @@ def bn_variables(channels, seed):
 
 
 def numpy_bn(y, params, state, eps, axis=-1):
-    shape = [1] * y.ndim
-    shape[axis] = -1
-
-    def f64(a):
-        return np.asarray(a, np.float64).reshape(shape)
-
-    out = (y - f64(state.mean)) / np.sqrt(f64(state.var) + eps)
-    if params is not None:
-        out = out * f64(params["scale"]) + f64(params["bias"])
-    return out
+    """Evaluation-mode batch norm of ``y`` in float64: the reference's."""
+    scale, bias = (None, None) if params is None else (params["scale"], params["bias"])
+    return ref.normalize(y, state.mean, state.var, axis, scale, bias, eps)
 
 
 def numpy_conv_nchw(x, kernel_oihw, padding):
@@ -149,7 +143,7 @@ def test_fold_conv_1d_and_dtype_kept():
     params, state = bn_variables(4, seed=8)
     new_kernel, new_bias = jaxbn.fold_conv(kernel, None, params, state, kernel_layout="WIO")
     assert new_kernel.dtype == jnp.bfloat16 and new_bias.dtype == jnp.bfloat16
-    multiplier = params["scale"] / np.sqrt(np.asarray(state.var, np.float64) + 1e-5)
+    multiplier = ref.as_float64(params["scale"]) * ref.inv_std(state.var, 1e-5)
     np.testing.assert_allclose(
         np.asarray(new_kernel[0, 0], np.float64), multiplier, rtol=1e-2
     )

@@ -224,8 +224,8 @@ def _case(option, low):
 
 def _truth(option, x, params, mask, dy):
     """float64: the output, the new running mean and variance, and the gradients."""
-    x64 = np.asarray(x.astype(jnp.float32), np.float64)
-    scale, bias = (np.asarray(params[k], np.float64) for k in ("scale", "bias"))
+    x64 = ref.as_float64(x)
+    scale, bias = (ref.as_float64(params[k]) for k in ("scale", "bias"))
     if option == "ghost":
         y, mean, var = ref.ghost_batch_norm(x64, 4, -1, None, ref.EPS, scale, bias)
         grads = None  # the ghost gradients are tests/test_variants.py's
@@ -263,7 +263,7 @@ def test_the_drop_ins_are_float32_computations_on_bfloat16_values(subject):
     x = _data(jnp.bfloat16)
     train, params, stats, _ = SUBJECTS[subject](x)
     y, _ = jax.jit(train)(x, params, stats)
-    y_true, _, _ = ref.batch_norm(np.asarray(x.astype(jnp.float32), np.float64), -1,
+    y_true, _, _ = ref.batch_norm(ref.as_float64(x), -1,
                                   np.asarray(params["scale"]), np.asarray(params["bias"]))
     assert y.dtype == jnp.float32
     assert_tree_close(y, y_true, F32_TOL, subject)

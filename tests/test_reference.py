@@ -79,6 +79,34 @@ def test_ghost_gradients_match_finite_differences(per_example):
     np.testing.assert_allclose(dbias, _numeric_gradient(lambda v: loss(bias=v), bias), atol=1e-7)
 
 
+def test_eval_gradients_match_finite_differences():
+    x, dy, scale, bias, _ = _problem((6, 2, 3), -1, None)
+    mean, var = np.array([0.5, -1.0, 2.0]), np.array([0.7, 1.5, 3.0])
+
+    def loss(x=x, scale=scale, bias=bias) -> float:
+        return float((ref.normalize(x, mean, var, -1, scale, bias) * dy).sum())
+
+    dx, dscale, dbias = ref.eval_grads(x, dy, mean, var, -1, scale)
+    np.testing.assert_allclose(dx, _numeric_gradient(lambda v: loss(x=v), x), atol=1e-7)
+    np.testing.assert_allclose(dscale, _numeric_gradient(lambda v: loss(scale=v), scale),
+                               atol=1e-7)
+    np.testing.assert_allclose(dbias, _numeric_gradient(lambda v: loss(bias=v), bias), atol=1e-7)
+    np.testing.assert_allclose(ref.inv_std(var), (var + ref.EPS) ** -0.5)
+
+
+@pytest.mark.parametrize("mask_kind", [None, "entries"])
+def test_epsilon_gradient_matches_finite_differences(mask_kind):
+    x, dy, scale, bias, mask = _problem((8, 3), -1, mask_kind)
+    eps = 0.05  # large enough that the central difference sees it well
+
+    def loss(epsilon: np.ndarray) -> float:
+        return float((ref.batch_norm(x, -1, scale, bias, mask, float(epsilon))[0] * dy).sum())
+
+    numeric = ref.directional_derivative(loss, [eps], [1.0])
+    np.testing.assert_allclose(ref.epsilon_grad(x, dy, -1, scale, mask, eps), numeric,
+                               rtol=1e-6)
+
+
 def test_per_example_params_scale_and_shift_each_example():
     """A per-example scale and bias act on their own example only; a per-example parameter
     that is the same for every example is the feature-shaped one."""
