@@ -37,7 +37,19 @@ A primitive has no rules but those it is given, so each has its own, written her
   ``sum_then_cast`` gives each term its own :func:`cpu_copies` of the cotangent, cast to
   the term's dtype. That is its reason to exist: the plain ``sum(terms).astype(bfloat16)``
   transposes into one float32 widening of the bfloat16 cotangent shared by every term,
-  which XLA:CPU then writes out (4 extra passes per layer, measured on (32, 8, 8, 16)).
+  which XLA:CPU then writes out. Measured on the training forward and backward
+  (``jax.vjp``) of one layer, (64, 32, 32, 64), jitted, in one process on 2 loaded CPU
+  cores, the two programs interleaved, medians of 21 to 31 runs, four runs:
+
+  ============================  ==========================  ===========================
+  x → y                         with ``sum_then_cast``       plain sum and cast
+  ============================  ==========================  ===========================
+  bfloat16 → bfloat16           10 passes, no float32 copy  12 passes, 1 float32 copy;
+                                                            1.34–2.13× the time
+  bfloat16 → float32 (mixed)    10 passes                   the same optimized HLO
+  ============================  ==========================  ===========================
+
+  It pays where the output is narrower than the arithmetic, and costs nothing elsewhere.
 - Batching (``vmap``): copies keep every batch dimension as it is; ``sum_then_cast`` moves
   them to the front, broadcasting unbatched terms, so the terms stay of one type.
 - Lowering: on CPU the copies are the outputs of one ``optimization_barrier``, which costs
@@ -54,8 +66,14 @@ which JAX may change. They are imported and registered on first use only, and th
 environment variable ``JAXBN_CPU_COPIES=0`` turns the whole module into plain ``jnp``
 (``cpu_copies`` returns ``value`` itself, ``sum_then_cast`` the plain sum and cast):
 nothing of ``jax.interpreters`` is then used. The variable is read when a function is
-traced (a program already traced keeps its choice). With it off, the results are bitwise
-the same on the tests' shapes (``tests/test_copies.py``); XLA:CPU takes more passes.
+traced (a program already traced keeps its choice). With it off the results are the same
+bit for bit (``tests/test_copies.py``: forward, gradients, ``vmap``, a mask, synchronization
+under ``shard_map``), but for the gradient of a bfloat16 ``x``: JAX accumulates it in
+bfloat16, one use of ``x`` at a time, and the copies change the order of the uses, so the
+two differ by bfloat16 rounding (within one bfloat16 ulp of the largest partial sum).
+XLA:CPU then takes more passes: on the training forward and backward of (64, 32, 32, 64),
+18 instead of 10 and 4 float32 copies in bfloat16 (2.4× the time), 16 instead of 10 with a
+bfloat16 ``x`` and a float32 output (1.3×).
 """
 
 from __future__ import annotations
