@@ -16,7 +16,8 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from ._batch_norm import batch_norm
-from ._checks import check_bool, layout
+from ._checks import check_bool
+from ._checks import checked_layout as layout
 from ._dtypes import is_complex, real_dtype, stats_dtype, wider_float, with_kind
 from ._renorm import batch_renorm
 from ._state import BatchStats

@@ -1,7 +1,9 @@
 """batch_norm(): normalize with batch or running statistics and update the running ones.
 
-Orchestration only: checks, ghost regrouping, then training (:mod:`jaxbn._train`) and the
-running-statistics update (:mod:`jaxbn._update`), or evaluation (:mod:`jaxbn._normalize`).
+Orchestration only: the checks (:mod:`jaxbn._checks`), the ghost regrouping
+(:mod:`jaxbn._ghost`), then training (:mod:`jaxbn._train`) and the running-statistics update
+(:mod:`jaxbn._update`), or evaluation (:mod:`jaxbn._normalize`). The math modules get plain,
+checked arrays: grouped ones to normalize, and per-feature ones to merge into the state.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
-from . import _checks
-from ._checks import AxisName
+from ._checks import check_common, check_training_layout
+from ._copies import enabled as cpu_copies_enabled
 from ._ghost import Ghost, ghost_layout
+from ._layout import AxisName
 from ._normalize import affine, normalize_eval
 from ._state import BatchStats
 from ._train import Sync, normalize_training
-from ._update import update_from_batch
+from ._update import ema_update, unbiased_var
 
 __all__ = ["batch_norm"]
 
@@ -173,7 +176,7 @@ def batch_norm(
       True
     """
     with jax.named_scope("jaxbn.batch_norm"):
-        x, lay = _check_common(
+        x, lay = check_common(
             x, params, state, training=training, axis=axis, momentum=momentum,
             epsilon=epsilon, mask=mask, virtual_batch_size=virtual_batch_size,
             debias=debias, unbiased_running_var=unbiased_running_var, dtype=dtype,
@@ -181,73 +184,24 @@ def batch_norm(
         if not training:
             return normalize_eval(x, state.mean, state.var, params, epsilon, lay, dtype), state
 
-        ghost = _check_training_layout(
-            x, lay, axis=axis, axis_name=axis_name, axis_index_groups=axis_index_groups,
+        check_training_layout(
+            x.shape, lay, axis=axis, axis_name=axis_name, axis_index_groups=axis_index_groups,
             virtual_batch_size=virtual_batch_size,
         )
+        ghost = ghost_layout(lay, x.shape, virtual_batch_size)
         static_epsilon, epsilon_ = _static_or_argument(epsilon)
         static_momentum, momentum_ = _static_or_argument(momentum)
         config = _Training(
             Sync.of(ghost.layout.reduction_axes, axis_name, axis_index_groups, dtype),
             ghost,
             static_epsilon, static_momentum, bool(debias), bool(unbiased_running_var),
+            cpu_copies_enabled(),
         )
         scale, bias = affine(params)
         return _train(
             config, x, scale, bias, None if mask is None else jnp.asarray(mask), state,
             epsilon_, momentum_,
         )
-
-
-def _check_common(
-    x: ArrayLike,
-    params: Mapping[str, ArrayLike | None] | None,
-    state: BatchStats,
-    *,
-    training: Any,
-    axis: Any,
-    momentum: Any,
-    epsilon: Any,
-    mask: Any,
-    virtual_batch_size: Any,
-    debias: Any,
-    unbiased_running_var: Any,
-    dtype: Any = None,
-) -> tuple[jax.Array, _checks.Layout]:
-    """The checks shared by batch_norm and batch_renorm, in both modes."""
-    _checks.check_training(training)
-    x = _checks.check_input(x)
-    lay = _checks.with_shape(_checks.layout(x.ndim, axis), x.shape)
-    _checks.check_params(params, lay, x.shape)
-    _checks.check_state(state, lay.feature_shape, x.dtype, training=bool(training))
-    _checks.check_momentum(momentum)
-    _checks.check_epsilon(epsilon)
-    _checks.check_mask(mask, x.shape)
-    _checks.check_flag("debias", debias)
-    _checks.check_flag("unbiased_running_var", unbiased_running_var)
-    _checks.check_virtual_batch_size(virtual_batch_size)
-    _checks.check_output_dtype(dtype)
-    return x, lay
-
-
-def _check_training_layout(
-    x: jax.Array,
-    lay: _checks.Layout,
-    *,
-    axis: Any,
-    axis_name: AxisName | None,
-    axis_index_groups: Any,
-    virtual_batch_size: int | None,
-) -> Ghost:
-    """Training-mode checks (sync and batch axes); returns the ghost-batch layout."""
-    _checks.check_axis_name(axis_name, axis_index_groups)
-    if not lay.reduction_axes and axis_name is None:
-        raise ValueError(
-            f"`axis` {axis!r} makes every axis of `x` (shape {x.shape}) a feature axis, so "
-            f"training has no batch to take statistics over. Leave at least one axis out "
-            f"of `axis`, or pass the `axis_name` of a vmap/shard_map/pmap over the batch."
-        )
-    return ghost_layout(lay, x.shape, virtual_batch_size, axis_name)
 
 
 def grouped_inputs(
@@ -260,6 +214,43 @@ def grouped_inputs(
     shaped to broadcast against the grouped ``x``."""
     scale, bias = affine(params)
     return ghost.group(x, scale, bias, mask)
+
+
+def update_from_batch(
+    state: BatchStats,
+    ghost: Ghost,
+    batch_mean: jax.Array,
+    batch_var: jax.Array,
+    valid_count: jax.Array,
+    *,
+    momentum: float | None,
+    debias: bool,
+    unbiased_running_var: bool,
+) -> BatchStats:
+    """The new running statistics from a batch's (or its ghost batches') moments.
+
+    ``batch_mean``, ``batch_var`` (biased) and ``valid_count`` broadcast against the
+    grouped ``x``. With ``unbiased_running_var`` each (ghost) batch's variance is scaled by
+    ``n/(n-1)``, and only batches with ``n >= 2`` count toward the variance. Ghost batches
+    are then averaged, each group with a valid entry weighing the same, and the result is
+    merged into ``state`` by :func:`~jaxbn._update.ema_update`. No gradient flows into the
+    result.
+    """
+    # Stopping gradients before the update's arithmetic, rather than after, lets autodiff
+    # skip tracing tangents through all of it.
+    batch_mean, batch_var, valid_count = jax.lax.stop_gradient((batch_mean, batch_var, valid_count))
+    state = jax.lax.stop_gradient(state)
+    feature_shape = ghost.layout.feature_shape
+    mean = batch_mean.reshape(feature_shape)
+    var = batch_var.reshape(feature_shape)
+    count = valid_count.reshape(feature_shape)
+    var_count = None
+    if unbiased_running_var:
+        var, var_count = unbiased_var(var, count)
+    var, total_var_count = ghost.mean_over_groups(var, count if var_count is None else var_count)
+    mean, count = ghost.mean_over_groups(mean, count)
+    var_count = None if var_count is None else total_var_count
+    return ema_update(state, mean, var, count, var_count, momentum=momentum, debias=debias)
 
 
 Static = tuple[type, Any]
@@ -286,6 +277,7 @@ class _Training(NamedTuple):
     momentum: Static | None
     debias: bool
     unbiased_running_var: bool
+    cpu_copies: bool  # jaxbn._copies.enabled() when traced: the off switch is part of the key
 
 
 @functools.partial(jax.jit, static_argnums=0, inline=True)

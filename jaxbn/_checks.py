@@ -1,32 +1,24 @@
-"""Argument validation for the public functions.
+"""Argument validation for the public functions and the drop-ins.
 
 Every check runs at trace time on static information (shapes, dtypes, Python numbers) and
 raises with a message that names the argument, what was expected and what was given.
+The orchestration (``batch_norm``, ``batch_renorm``, the tools) and the drop-ins call these
+checks before any math; the math modules never import this one, and run on checked input.
 """
 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Hashable, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ._dtypes import is_complex
+from ._layout import AxisName, Layout, layout, with_shape
 from ._state import BatchStats
-
-AxisName = Hashable | tuple[Hashable, ...]
-
-
-class Layout(NamedTuple):
-    """Which axes of ``x`` are features and which are reduced."""
-
-    feature_axes: tuple[int, ...]
-    reduction_axes: tuple[int, ...]
-    feature_shape: tuple[int, ...]
-    broadcast_shape: tuple[int, ...]  # feature vectors reshaped to broadcast against x
 
 
 def check_bool(value: Any, name: str, meaning: str, fix: str) -> bool:
@@ -76,7 +68,8 @@ def check_input(x: Any) -> jax.Array:
     return array
 
 
-def layout(ndim: int, axis: Any) -> Layout:
+def check_axis(ndim: int, axis: Any) -> None:
+    """``axis`` is an int or a non-empty tuple of distinct ints in ``[-ndim, ndim)``."""
     raw = tuple(axis) if isinstance(axis, Sequence) else (axis,)
     integral = all(isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in raw)
     if not raw or not integral:
@@ -86,17 +79,84 @@ def layout(ndim: int, axis: Any) -> Layout:
         raise ValueError(
             f"`axis` must lie in [-{ndim}, {ndim}) for an input of rank {ndim}, got {axis!r}."
         )
-    feature_axes = tuple(sorted({int(a) % ndim for a in raw}))
-    if len(feature_axes) != len(raw):
+    if len({int(a) % ndim for a in raw}) != len(raw):
         raise ValueError(f"`axis` must not name an axis twice, got {axis!r} for rank {ndim}.")
-    reduction_axes = tuple(a for a in range(ndim) if a not in feature_axes)
-    return Layout(feature_axes, reduction_axes, (), ())
 
 
-def with_shape(lay: Layout, shape: tuple[int, ...]) -> Layout:
-    feature_shape = tuple(shape[a] for a in lay.feature_axes)
-    broadcast_shape = tuple(shape[a] if a in lay.feature_axes else 1 for a in range(len(shape)))
-    return lay._replace(feature_shape=feature_shape, broadcast_shape=broadcast_shape)
+def checked_layout(ndim: int, axis: Any) -> Layout:
+    """:func:`jaxbn._layout.layout` of an ``axis`` that :func:`check_axis` accepts."""
+    check_axis(ndim, axis)
+    return layout(ndim, axis)
+
+
+def check_common(
+    x: Any,
+    params: Mapping[str, Any] | None,
+    state: Any,
+    *,
+    training: Any,
+    axis: Any,
+    momentum: Any,
+    epsilon: Any,
+    mask: Any,
+    virtual_batch_size: Any,
+    debias: Any,
+    unbiased_running_var: Any,
+    dtype: Any = None,
+) -> tuple[jax.Array, Layout]:
+    """The checks that batch_norm and batch_renorm share, in both modes; returns ``x`` as an
+    array and its layout (with shapes)."""
+    check_training(training)
+    x = check_input(x)
+    lay = with_shape(checked_layout(x.ndim, axis), x.shape)
+    check_params(params, lay, x.shape)
+    check_state(state, lay.feature_shape, x.dtype, training=bool(training))
+    check_momentum(momentum)
+    check_epsilon(epsilon)
+    check_mask(mask, x.shape)
+    check_flag("debias", debias)
+    check_flag("unbiased_running_var", unbiased_running_var)
+    check_virtual_batch_size(virtual_batch_size)
+    check_output_dtype(dtype)
+    return x, lay
+
+
+def check_training_layout(
+    x_shape: tuple[int, ...],
+    lay: Layout,
+    *,
+    axis: Any,
+    axis_name: AxisName | None,
+    axis_index_groups: Any,
+    virtual_batch_size: int | None,
+) -> None:
+    """The training-mode checks: the sync axis is bound, there is a batch to reduce, and
+    the ghost batches (if any) are local and divide the batch axis."""
+    check_axis_name(axis_name, axis_index_groups)
+    if not lay.reduction_axes and axis_name is None:
+        raise ValueError(
+            f"`axis` {axis!r} makes every axis of `x` (shape {x_shape}) a feature axis, so "
+            f"training has no batch to take statistics over. Leave at least one axis out "
+            f"of `axis`, or pass the `axis_name` of a vmap/shard_map/pmap over the batch."
+        )
+    if virtual_batch_size is None:
+        return
+    if axis_name is not None:
+        raise ValueError(
+            f"`virtual_batch_size` cannot be combined with `axis_name` (got "
+            f"virtual_batch_size={virtual_batch_size!r}, axis_name={axis_name!r}): ghost "
+            f"batches are normalized with their own local statistics, so there is nothing to "
+            f"synchronize. Drop `axis_name`, and average the new states over the devices "
+            f"yourself if they must agree."
+        )
+    batch_axis = lay.reduction_axes[0]
+    size = x_shape[batch_axis]
+    if size % virtual_batch_size:
+        raise ValueError(
+            f"`virtual_batch_size` must divide the batch axis (axis {batch_axis} of `x`, size "
+            f"{size}), got virtual_batch_size={virtual_batch_size}. Use a batch size that is a "
+            f"multiple of it, or a divisor of {size}."
+        )
 
 
 def check_params(params: Mapping[str, Any] | None, lay: Layout, x_shape: tuple[int, ...]) -> None:

@@ -13,8 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from . import _checks
-from ._checks import AxisName
+from ._layout import Layout, with_shape
 
 __all__ = ["Ghost", "ghost_layout"]
 
@@ -28,7 +27,7 @@ class Ghost(NamedTuple):
 
     x_shape: tuple[int, ...]
     grouped_shape: tuple[int, ...]
-    layout: _checks.Layout  # of the grouped x
+    layout: Layout  # of the grouped x
     group_axis: int | None
     feature_shape: tuple[int, ...]  # of x, before regrouping
     batch_axis: int | None
@@ -89,43 +88,19 @@ class Ghost(NamedTuple):
 
 
 def ghost_layout(
-    lay: _checks.Layout,
-    x_shape: tuple[int, ...],
-    virtual_batch_size: int | None,
-    axis_name: AxisName | None,
+    lay: Layout, x_shape: tuple[int, ...], virtual_batch_size: int | None
 ) -> Ghost:
-    """The ghost-batch layout of an input of ``x_shape``; checks ``virtual_batch_size``."""
+    """The ghost-batch layout of an input of ``x_shape``, for a ``virtual_batch_size`` that
+    divides the batch axis (:func:`jaxbn._checks.check_training_layout` checks it)."""
     if virtual_batch_size is None:
         return Ghost(x_shape, x_shape, lay, None, lay.feature_shape, None)
-    if axis_name is not None:
-        raise ValueError(
-            f"`virtual_batch_size` cannot be combined with `axis_name` (got "
-            f"virtual_batch_size={virtual_batch_size!r}, axis_name={axis_name!r}): ghost "
-            f"batches are normalized with their own local statistics, so there is nothing to "
-            f"synchronize. Drop `axis_name`, and average the new states over the devices "
-            f"yourself if they must agree."
-        )
     batch_axis = lay.reduction_axes[0]
-    size = x_shape[batch_axis]
-    if size % virtual_batch_size:
-        raise ValueError(
-            f"`virtual_batch_size` must divide the batch axis (axis {batch_axis} of `x`, size "
-            f"{size}), got virtual_batch_size={virtual_batch_size}. Use a batch size that is a "
-            f"multiple of it, or a divisor of {size}."
-        )
-    groups = size // virtual_batch_size
+    groups = x_shape[batch_axis] // virtual_batch_size
     grouped_shape = (*x_shape[:batch_axis], groups, virtual_batch_size, *x_shape[batch_axis + 1 :])
     feature_axes = tuple(a if a < batch_axis else a + 1 for a in lay.feature_axes)
     feature_axes = tuple(sorted((*feature_axes, batch_axis)))
-    grouped = _checks.with_shape(
-        _checks.Layout(
-            feature_axes,
-            tuple(a for a in range(len(grouped_shape)) if a not in feature_axes),
-            (),
-            (),
-        ),
-        grouped_shape,
-    )
+    reduction_axes = tuple(a for a in range(len(grouped_shape)) if a not in feature_axes)
+    grouped = with_shape(Layout(feature_axes, reduction_axes, (), ()), grouped_shape)
     return Ghost(
         x_shape, grouped_shape, grouped, feature_axes.index(batch_axis), lay.feature_shape,
         batch_axis,

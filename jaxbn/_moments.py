@@ -6,15 +6,16 @@ does the backward's (:func:`sync_sum`).
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._checks import AxisName
-from ._copies import cpu_copies
+from ._copies import cpu_copies, widened_reads
 from ._dtypes import is_complex, with_kind
+from ._layout import AxisName
 
 __all__ = [
     "Moments",
@@ -26,7 +27,6 @@ __all__ = [
     "mean_and_var",
     "merge",
     "sync_sum",
-    "widened_reads",
 ]
 
 
@@ -37,20 +37,6 @@ class Moments(NamedTuple):
     valid_count: jax.Array  # number of valid entries (a float, exact below 2**24)
     mean: jax.Array  # mean of the valid entries
     m2: jax.Array  # sum of squared deviations from `mean`
-
-
-def widened_reads(x: jax.Array, dtype: Any, n: int) -> tuple[jax.Array, ...]:
-    """``n`` reads of ``x`` for ``n`` kernels that each widen it to ``dtype``.
-
-    A bfloat16 ``x`` gets its own copy per sum (XLA:CPU's sums read bfloat16 natively and
-    accumulate in float32, see :func:`~jaxbn._copies.cpu_copies`). float32 and wider need
-    no widening.
-    float16 is widened once and shared: XLA:CPU's sums do not read it natively, so it is
-    widened by a separate kernel either way, and one shared copy is cheaper than one each.
-    """
-    if x.dtype == jnp.bfloat16 and jnp.dtype(dtype).itemsize > 2:
-        return cpu_copies(x, n)
-    return (x.astype(dtype),) * n
 
 
 def local_moments(
@@ -79,7 +65,7 @@ def local_moments(
     valid = None if mask is None else jnp.broadcast_to(mask, x.shape)
     if valid is None:
         kept = tuple(1 if a in reduction_axes else d for a, d in enumerate(x.shape))
-        count = jnp.full(kept, _prod([x.shape[a] for a in reduction_axes]), dtype)
+        count = jnp.full(kept, math.prod(x.shape[a] for a in reduction_axes), dtype)
     else:
         count = jnp.sum(valid, axis=reduction_axes, keepdims=True, dtype=dtype)
 
@@ -96,13 +82,6 @@ def abs_sq(value: jax.Array) -> jax.Array:
     if is_complex(value.dtype):
         return jnp.square(value.real) + jnp.square(value.imag)
     return jnp.square(value)
-
-
-def _prod(shape: list[int]) -> int:
-    out = 1
-    for d in shape:
-        out *= d
-    return out
 
 
 def combine(

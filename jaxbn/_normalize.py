@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from ._checks import Layout
 from ._dtypes import is_complex, real_dtype, stats_dtype, wider_float
+from ._layout import Layout
 
 __all__ = [
     "affine",

@@ -9,14 +9,14 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
-from . import _checks
-from ._batch_norm import _check_common, _check_training_layout, grouped_inputs
-from ._checks import AxisName
+from ._batch_norm import grouped_inputs, update_from_batch
+from ._checks import check_common, check_renorm_clipping, check_training_layout
 from ._dtypes import is_complex, stats_dtype
+from ._ghost import ghost_layout
+from ._layout import AxisName
 from ._moments import combine, local_moments, mean_and_var
 from ._normalize import coefficients, compute_dtype, normalize_eval, scale_shift
 from ._state import BatchStats
-from ._update import update_from_batch
 
 __all__ = ["batch_renorm"]
 
@@ -105,8 +105,8 @@ def batch_renorm(
       >>> y, new = jaxbn.batch_renorm(x, params, new, training=True, r_max=3.0, d_max=5.0)
     """
     with jax.named_scope("jaxbn.batch_renorm"):
-        _checks.check_renorm_clipping(r_max, d_max)
-        x, lay = _check_common(
+        check_renorm_clipping(r_max, d_max)
+        x, lay = check_common(
             x,
             params,
             state,
@@ -128,14 +128,15 @@ def batch_renorm(
                 f"clipped real ratios), got {x.dtype}. Use jaxbn.batch_norm for complex input."
             )
 
-        ghost = _check_training_layout(
-            x,
+        check_training_layout(
+            x.shape,
             lay,
             axis=axis,
             axis_name=axis_name,
             axis_index_groups=axis_index_groups,
             virtual_batch_size=virtual_batch_size,
         )
+        ghost = ghost_layout(lay, x.shape, virtual_batch_size)
         x_g, scale_g, bias_g, mask_g = grouped_inputs(ghost, x, params, mask)
         moments = local_moments(
             x_g, ghost.layout.reduction_axes, mask_g, stats_dtype(x.dtype)

@@ -46,18 +46,10 @@ import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from ._checks import AxisName
-from ._copies import cpu_copies, sum_then_cast
+from ._copies import cpu_copies, sum_then_cast, widened_reads
 from ._dtypes import is_complex, stats_dtype
-from ._moments import (
-    combine,
-    inverse_count,
-    local_moments,
-    masked_sum,
-    mean_and_var,
-    sync_sum,
-    widened_reads,
-)
+from ._layout import AxisName
+from ._moments import combine, inverse_count, local_moments, masked_sum, mean_and_var, sync_sum
 from ._normalize import coefficients, compute_dtype, multiplier, scale_shift
 
 __all__ = ["Sync", "normalize_training"]

@@ -1,74 +1,52 @@
-"""The running-statistics update: EMA, cumulative average or zero-debiased EMA."""
+"""The running-statistics update: EMA, cumulative average or zero-debiased EMA.
+
+Per-feature arrays in, a :class:`~jaxbn.BatchStats` out. Ghost batches are the caller's
+business: :func:`jaxbn._batch_norm.update_from_batch` averages their statistics over the
+groups before :func:`ema_update` sees them.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from ._ghost import Ghost
+from ._moments import inverse_count
 from ._state import BatchStats
 
-__all__ = ["update_from_batch"]
+__all__ = ["ema_update", "unbiased_var"]
 
 
-def update_from_batch(
-    state: BatchStats,
-    ghost: Ghost,
-    batch_mean: jax.Array,
-    batch_var: jax.Array,
-    valid_count: jax.Array,
-    *,
-    momentum: float | None,
-    debias: bool,
-    unbiased_running_var: bool,
-) -> BatchStats:
-    """The new running statistics from a batch's (or its ghost batches') moments.
-
-    ``batch_mean``, ``batch_var`` (biased) and ``valid_count`` broadcast against the
-    grouped ``x``. With ``unbiased_running_var`` each (ghost) batch's variance is scaled by
-    ``n/(n-1)``, and only batches with ``n >= 2`` count toward the variance. Ghost batches
-    are then averaged, each group with a valid entry weighing the same.
-
-    The ``k``-th accepted batch is merged with weight ``1 - momentum``, ``1/k`` with
-    ``momentum=None``, or ``(1 - momentum)/(1 - momentum**k)`` with ``debias``::
-
-        mean ← (1 - w) · mean + w · batch_mean,   var ← (1 - w) · var + w · batch_var
-
-    State is never corrupted: a batch whose statistics are not finite, or that has no valid
-    entry, leaves the state unchanged and is not counted; a feature with no valid entry
-    keeps its running values. No gradient flows into the result.
-    """
-    # Stopping gradients before the update's arithmetic, rather than after, lets autodiff
-    # skip tracing tangents through all of it.
-    batch_mean, batch_var, valid_count = jax.lax.stop_gradient((batch_mean, batch_var, valid_count))
-    state = jax.lax.stop_gradient(state)
-    feature_shape = ghost.layout.feature_shape
-    mean = batch_mean.reshape(feature_shape)
-    var = batch_var.reshape(feature_shape)
-    count = valid_count.reshape(feature_shape)
-    var_count = None
-    if unbiased_running_var:
-        var = var * (count / jnp.maximum(count - 1, 1))
-        var_count = jnp.where(count > 1, count, 0)
-    var, total_var_count = ghost.mean_over_groups(var, count if var_count is None else var_count)
-    mean, count = ghost.mean_over_groups(mean, count)
-    var_count = None if var_count is None else total_var_count
-    return _merge(state, mean, var, count, var_count, momentum, debias)
+def unbiased_var(batch_var: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The unbiased variance ``n/(n-1) · batch_var`` of ``n = count`` valid entries, and the
+    count behind it: ``n`` where ``n >= 2``, 0 (no variance to merge) elsewhere."""
+    var = batch_var * (count / jnp.maximum(count - 1, 1))
+    return var, jnp.where(count > 1, count, 0)
 
 
-def _merge(
+def ema_update(
     state: BatchStats,
     batch_mean: jax.Array,
     batch_var: jax.Array,
     count: jax.Array,
     var_count: jax.Array | None,
+    *,
     momentum: float | None,
     debias: bool,
 ) -> BatchStats:
-    """Merges one batch's statistics into the running ones.
+    """Merges one batch's statistics into the running ones, an exponential moving average.
 
-    ``count`` (feature-shaped) is the number of valid entries behind ``batch_mean``;
-    ``var_count`` (None: ``count``) the number behind ``batch_var``.
+    ``batch_mean``, ``batch_var`` and ``count`` (the number of valid entries behind
+    ``batch_mean``) have the feature shape; ``var_count`` (None: ``count``) is the number
+    behind ``batch_var``. The ``k``-th accepted batch is merged with weight
+    ``w = 1 - momentum``, ``w = 1/k`` with ``momentum=None`` (the cumulative average), or
+    ``w = (1 - momentum)/(1 - momentum**k)`` with ``debias``::
+
+        mean ← (1 - w) · mean + w · batch_mean,   var ← (1 - w) · var + w · batch_var
+
+    State is never corrupted: a batch whose statistics are not finite, or that has no valid
+    entry, leaves the state unchanged and is not counted; a feature with no valid entry
+    keeps its running values. The caller stops the gradients (no gradient flows into the
+    running statistics).
     """
     dtype = state.var.dtype  # real; the state's dtypes never change
     batch_mean = batch_mean.astype(state.mean.dtype)
@@ -81,7 +59,7 @@ def _merge(
     accepted = finite & jnp.any(count > 0)  # a batch with no valid entry is not counted
     merged = state.count + accepted.astype(state.count.dtype)
     if momentum is None:
-        decay = 1.0 - 1.0 / jnp.maximum(merged, 1).astype(dtype)
+        decay = 1.0 - inverse_count(merged.astype(dtype))
     elif debias:
         momentum_ = jnp.asarray(momentum, dtype)
         steps = jnp.maximum(merged, 1).astype(dtype)

@@ -21,7 +21,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from ._adapter import output_dtype
 from ._batch_norm import batch_norm
-from ._checks import AxisName, check_bool, check_momentum
+from ._checks import check_bool, check_momentum
 from ._convert_equinox import (
     from_equinox,
     hidden_layer,
@@ -31,6 +31,7 @@ from ._convert_equinox import (
     renamed,
     to_equinox,
 )
+from ._layout import AxisName
 from ._overrides import check_overrides
 from ._state import BatchStats, init
 

@@ -31,8 +31,9 @@ from ._adapter import (
     output_dtype,
     stored,
 )
-from ._checks import layout, with_shape
+from ._checks import checked_layout as layout
 from ._dtypes import wider_float
+from ._layout import with_shape
 
 __all__ = ["BatchNorm", "ConvertedModule", "convert_batch_norm"]
 
