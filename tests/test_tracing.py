@@ -1,17 +1,25 @@
 """What tracing a model with jaxbn costs, pinned without a clock: a network's layers of one
-shape and configuration trace batch norm's arithmetic once, not once per layer (the time
-itself is the bench's: ``python -m experiments bench``, compile rows)."""
+shape and configuration trace batch norm's arithmetic once, not once per layer, and a jitted
+call of a drop-in traces once per shape and mode, not once per call (the time itself is the
+bench's: ``python -m experiments bench``, compile rows)."""
 
 from __future__ import annotations
 
+import functools
+
 import _reference as ref
 import chex
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import jaxbn
+import jaxbn.equinox
+import jaxbn.linen
+import jaxbn.nnx
 from jaxbn import _train
 
 
@@ -94,65 +102,65 @@ def test_epsilon_and_momentum_as_numbers_or_arrays_match_the_reference(as_arrays
 
 
 # --------------------------------------------------------------------------- one trace per shape
-# A jitted training-mode call of each drop-in, its function wrapped in
-# ``chex.assert_max_traces``: new values of one shape reuse the trace, whether the call gets the
-# state it returned last (threaded) or a freshly initialized one (a restart); a new shape traces
-# once more. A state whose type drifted between calls (a weak type, a dtype, a structure) would
-# retrace on the threaded call, and a Python value that changed per call (a static argument) on
-# every call. Each call updates a step count too (``debias``; equinox's cumulative average).
+# A jitted call of each drop-in, its function wrapped in ``chex.assert_max_traces``: new values
+# of one shape reuse the trace, whether the call gets the state it returned last (threaded) or a
+# freshly initialized one (a restart), and switching between training (the state updated) and
+# evaluation (the state returned as given) back and forth traces each mode once; a new shape
+# traces once more. A state whose type drifted between calls (a weak type, a dtype, a
+# structure) would retrace on the threaded call, and a Python value that changed per call (a
+# static argument) on every call. Training updates a step count too (``debias``; equinox's
+# cumulative average).
 
 C = 3
 SHAPES = ((8, C), (5, C), (4, C))  # two shapes allowed; the third is one too many
+MODES = (True, True, False, True, False, True)  # training?, in the order of the calls
 
 
 def _linen():
-    from jaxbn.linen import BatchNorm
+    model = jaxbn.linen.BatchNorm(momentum=0.9, debias=True)
+    variables = model.init(jax.random.key(0), jnp.zeros(SHAPES[0]), use_running_average=True)
 
-    model = BatchNorm(use_running_average=False, momentum=0.9, debias=True)
-    variables = model.init(jax.random.key(0), jnp.zeros(SHAPES[0]))
-
-    def step(variables, x):
-        y, updates = model.apply(variables, x, mutable=["batch_stats"])
+    def step(variables, x, training):
+        y, updates = model.apply(variables, x, use_running_average=not training,
+                                 mutable=["batch_stats"])
         return y, {**variables, **updates}
 
     return jax.jit, step, lambda: variables
 
 
 def _nnx():
-    from flax import nnx
+    def step(model, x, training):  # the module's statistics are updated in place
+        return model(x, use_running_average=not training), model
 
-    from jaxbn.nnx import BatchNorm
+    def start():
+        return jaxbn.nnx.BatchNorm(C, momentum=0.9, debias=True, rngs=nnx.Rngs(0))
 
-    def step(model, x):  # the module's statistics are updated in place
-        return model(x), model
-
-    return nnx.jit, step, lambda: BatchNorm(C, momentum=0.9, debias=True, rngs=nnx.Rngs(0))
+    return nnx.jit, step, start
 
 
 def _equinox():
-    import equinox as eqx
+    layer, state = eqx.nn.make_with_state(jaxbn.equinox.BatchNorm)(
+        C, "batch", momentum=None, mode="batch")
 
-    from jaxbn.equinox import BatchNorm
-
-    layer, state = eqx.nn.make_with_state(BatchNorm)(C, "batch", momentum=None, mode="batch")
-
-    def step(state, x):
-        return jax.vmap(layer, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
+    def step(state, x, training):
+        call = functools.partial(layer, inference=not training)
+        return jax.vmap(call, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
 
     return jax.jit, step, lambda: state
 
 
 @pytest.mark.parametrize("adapter", [_linen, _nnx, _equinox], ids=["linen", "nnx", "equinox"])
-def test_a_drop_in_traces_once_per_shape(adapter):
+def test_a_drop_in_traces_once_per_shape_and_mode(adapter):
     chex.clear_trace_counter()
     jit, step, start = adapter()  # jit: jax.jit, or nnx.jit for a module argument
-    traced = jit(chex.assert_max_traces(step, n=2))
+    traced = jit(chex.assert_max_traces(step, n=4), static_argnames="training")
     data = np.random.default_rng(0)
     for shape in SHAPES[:2]:
         state = start()
-        for _ in range(3):  # new values; the state the last call returned
-            y, state = traced(state, jnp.asarray(data.normal(size=shape), jnp.float32))
+        for training in MODES:  # new values; the state the last call returned
+            y, state = traced(state, jnp.asarray(data.normal(size=shape), jnp.float32),
+                              training=training)
             chex.assert_shape(y, shape)
-        traced(start(), jnp.asarray(data.normal(size=shape), jnp.float32))  # a fresh state
-    with pytest.raises(AssertionError, match="traced > 2 times"):
-        traced(start(), jnp.zeros(SHAPES[2]))
+        traced(start(), jnp.asarray(data.normal(size=shape), jnp.float32), training=True)
+    with pytest.raises(AssertionError, match="traced > 4 times"):
+        traced(start(), jnp.zeros(SHAPES[2]), training=True)
