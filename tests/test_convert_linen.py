@@ -276,9 +276,8 @@ def test_never_served_a_trace_made_for_the_original(name):
         before = run(model, items, variables, x)
         after = run(converted, items, variables, x)
         again = run(model, items, variables, x)
-        for key, expected in _expected_bn_in(x).items():
-            np.testing.assert_allclose(after[1]["batch_stats"]["bn_in"][key], expected,
-                                       rtol=1e-5)
+        chex.assert_trees_all_close(after[1]["batch_stats"]["bn_in"], _expected_bn_in(x),
+                                    rtol=1e-5)
         chex.assert_trees_all_equal(again, before)
         flax_var = again[1]["batch_stats"]["bn_in"]["var"]
         assert np.max(np.abs(flax_var - _expected_bn_in(x)["var"])) > 0.1  # flax's variance
