@@ -125,7 +125,7 @@ ZOO = {
 }
 
 
-def assert_tree_close(actual, expected, tol, what):
+def assert_close_to_largest(actual, expected, tol, what):
     """The same tree, shapes and dtypes, every leaf within ``tol`` times the largest entry of
     the whole expected tree (a gradient that is zero in exact arithmetic, such as a bias
     before a norm's, is rounding noise on both sides)."""
@@ -193,7 +193,7 @@ def test_a_zoo_model_converted_matches_flax_and_is_accurate_at_mean_1e4(name):
     ours, theirs = step(variables, x, dy, x_eval), flax_step(variables, x, dy, x_eval)
     for what, a, e in zip(("output", "gradients", "batch_stats", "eval output"), ours, theirs,
                           strict=True):
-        assert_tree_close(a, e, TOL, what)
+        assert_close_to_largest(a, e, TOL, what)
 
     far = _far_from_zero()
     expected = _expected_bn_in(far)
@@ -243,7 +243,7 @@ def test_axis_name_under_vmap_and_shard_map_equals_the_full_batch():
 
         (_, (y, stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
             variables["params"], x_in)
-        assert_tree_close((y, grads, stats), full, TOL, name)
+        assert_close_to_largest((y, grads, stats), full, TOL, name)
 
 
 # ------------------------------------------------------------- caches and the original
@@ -385,7 +385,7 @@ def test_the_original_is_unchanged():
     converted = convert_batch_norm(model, momentum=0.5)
     _train_apply(converted, train, variables, x)
     assert converted.module is model and model == CompactNet()
-    assert_tree_close(_train_apply(model, train, variables, x), before, 0.0, "original after")
+    assert_close_to_largest(_train_apply(model, train, variables, x), before, 0.0, "original after")
 
 
 @pytest.mark.parametrize(("module", "overrides", "error", "match"), [
