@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -419,10 +420,8 @@ def test_resnet_blocks_start_as_identity_maps(toy_resnet_variables):
 def test_resnet_with_jaxbn_matches_resnet_with_flax_batchnorm(toy_resnet_variables):
     x, labels, variables = TOY_IMAGES, jnp.array([3, 7]), toy_resnet_variables
     flax_model, jaxbn_model = _toy_resnet(nn.BatchNorm), _toy_resnet(jaxbn.linen.BatchNorm)
-    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
-        jnp.shape, jax.eval_shape(lambda key: jaxbn_model.init(key, x, train=False),
-                                  jax.random.key(1))
-    )
+    chex.assert_trees_all_equal_shapes(variables, jax.eval_shape(
+        lambda key: jaxbn_model.init(key, x, train=False), jax.random.key(1)))
     # Random BN scales, so that the zero-initialized ones do not hide a block's last BN.
     params = traverse_util.flatten_dict(variables["params"])
     for index, path in enumerate(p for p in params if p[-1] == "scale"):
@@ -441,9 +440,8 @@ def test_resnet_with_jaxbn_matches_resnet_with_flax_batchnorm(toy_resnet_variabl
     (flax_loss, flax_stats), flax_grads = results[0]
     (jaxbn_loss, jaxbn_stats), jaxbn_grads = results[1]
     np.testing.assert_allclose(jaxbn_loss, flax_loss, rtol=1e-5)
-    for ours, theirs in ((jaxbn_stats, flax_stats), (jaxbn_grads, flax_grads)):
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
-                     ours, theirs)
+    chex.assert_trees_all_close((jaxbn_stats, jaxbn_grads), (flax_stats, flax_grads),
+                                rtol=1e-3, atol=1e-5)
 
 
 def test_the_converted_resnet_lowers_to_the_same_program_as_the_direct_one():

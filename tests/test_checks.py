@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -256,7 +257,7 @@ def test_traced_mask_is_checked_too():
     with pytest.raises(TypeError, match=r"`mask`"):
         jax.jit(lambda m: _call(mask=m))(jnp.ones((4, 1, 1), jnp.int32))
     y, _ = jax.jit(lambda m: _call(mask=m))(jnp.ones((4, 1, 1), jnp.bool_))
-    assert y.shape == (4, 5, C)
+    chex.assert_shape(y, (4, 5, C))
 
 
 def test_traced_hyperparameters_are_shape_checked_but_not_range_checked():
@@ -496,9 +497,8 @@ def test_linen_integer_batch_stats_are_promoted_as_flax_linen_promotes_them():
     with jax.numpy_dtype_promotion("standard"):  # flax multiplies int32 by a float
         y_flax, stats_flax, eval_flax = run(nn.BatchNorm)
     y, stats, y_eval = run(jaxbn.linen.BatchNorm)  # under the tests' strict promotion
-    for key in ("mean", "var"):
-        assert stats[key].dtype == stats_flax[key].dtype == jnp.float32
-        np.testing.assert_allclose(stats[key], stats_flax[key], rtol=1e-5, atol=1e-6)
+    chex.assert_type(jax.tree.leaves(stats), jnp.float32)
+    chex.assert_trees_all_close(stats, stats_flax, rtol=1e-5, atol=1e-6, strict=True)
     np.testing.assert_allclose(y, y_flax, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(y_eval, eval_flax, rtol=1e-6, atol=1e-6)
 

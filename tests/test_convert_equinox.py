@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 
 import _reference as ref
+import chex
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -126,12 +127,12 @@ def equinox_statistics(layer, state):
 
 def assert_close_to_largest(actual, expected, tol, what):
     """Leaf by leaf (the two models' BatchNorms are different classes with the same arrays,
-    ``weight`` and ``bias``, in the same order), within ``tol`` of the largest leaf: the bias
-    before a BatchNorm has a gradient that is rounding noise, with no scale of its own."""
-    scale = max(float(np.max(np.abs(leaf))) for leaf in jax.tree.leaves(expected))
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-        assert a.shape == e.shape, what
-        np.testing.assert_allclose(a, e, rtol=tol, atol=tol * scale, err_msg=what)
+    ``weight`` and ``bias``, in the same order), the same shapes and dtypes, within ``tol``
+    of the largest leaf: the bias before a BatchNorm has a gradient that is rounding noise,
+    with no scale of its own."""
+    largest = max(float(np.max(np.abs(leaf))) for leaf in jax.tree.leaves(expected))
+    chex.assert_trees_all_close(jax.tree.leaves(actual), jax.tree.leaves(expected), rtol=tol,
+                                atol=tol * largest, strict=True, custom_message=what)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,8 +311,7 @@ def test_stacked_layers_keep_their_predictions():
     np.testing.assert_allclose(y_ours, y_equinox, rtol=1e-6, atol=1e-6)
     back, back_state = revert_batch_norm(ours, our_state)
     assert eqx.tree_equal(back, blocks)
-    for a, b in zip(jax.tree.leaves(back_state), jax.tree.leaves(state), strict=True):
-        np.testing.assert_allclose(a, b, rtol=2e-7)
+    chex.assert_trees_all_close(jax.tree.leaves(back_state), jax.tree.leaves(state), rtol=2e-7)
 
 
 def test_inference_flag_carries_over():
@@ -396,10 +396,9 @@ def test_convert_then_revert_round_trips(mode, steps):
     assert type(back.norm) is eqx.nn.BatchNorm
     assert eqx.tree_equal(back, model)  # the same arrays, fields and state keys
     assert back_state.tree_flatten()[1] == state.tree_flatten()[1]
-    for a, b in zip(jax.tree.leaves(back_state), jax.tree.leaves(state), strict=True):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        # hidden = (hidden / scale) * scale: one rounding in "batch" mode
-        np.testing.assert_allclose(a, b, rtol=2e-7)
+    # hidden = (hidden / scale) * scale: one rounding in "batch" mode
+    chex.assert_trees_all_close(jax.tree.leaves(back_state), jax.tree.leaves(state), rtol=2e-7,
+                                strict=True)
 
 
 def test_reverted_model_predicts_as_the_converted_one_and_equinox_trains_it():

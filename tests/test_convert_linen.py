@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 
 import _reference as ref
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -124,17 +125,13 @@ ZOO = {
 }
 
 
-def assert_tree_close(actual, expected, tol, what):
-    """The same tree, every leaf within ``tol`` times the largest entry of the whole
-    expected tree (a gradient that is zero in exact arithmetic, such as a bias before a
-    norm's, is rounding noise on both sides)."""
-    assert jax.tree.structure(actual) == jax.tree.structure(expected), what
-    scale = max(float(np.max(np.abs(leaf))) for leaf in jax.tree.leaves(expected))
-    for index, (a, e) in enumerate(zip(jax.tree.leaves(actual), jax.tree.leaves(expected),
-                                       strict=True)):
-        assert a.shape == e.shape and a.dtype == e.dtype, (what, index)
-        np.testing.assert_allclose(a, e, rtol=tol, atol=tol * scale,
-                                   err_msg=f"{what}, leaf {index}")
+def assert_close_to_largest(actual, expected, tol, what):
+    """The same tree, shapes and dtypes, every leaf within ``tol`` times the largest entry of
+    the whole expected tree (a gradient that is zero in exact arithmetic, such as a bias
+    before a norm's, is rounding noise on both sides)."""
+    largest = max(float(np.max(np.abs(leaf))) for leaf in jax.tree.leaves(expected))
+    chex.assert_trees_all_close(actual, expected, rtol=tol, atol=tol * largest, strict=True,
+                                custom_message=what)
 
 
 def _init(model, x, eval_kw):
@@ -189,17 +186,14 @@ def test_a_zoo_model_converted_matches_flax_and_is_accurate_at_mean_1e4(name):
     variables = _init(model, x, eval_kw)
     with standard():
         ours = jax.eval_shape(functools.partial(converted.init, **eval_kw), jax.random.key(0), x)
-    def shapes(tree):
-        return jax.tree.map(lambda a: (a.shape, a.dtype), tree)
-
-    assert shapes(ours) == shapes(variables)
+    chex.assert_trees_all_equal_shapes_and_dtypes(ours, variables)
 
     step, flax_step = _stepper(converted, train_kw, eval_kw), _stepper(model, train_kw, eval_kw)
     dy, x_eval = data((N, OUT), 9, loc=0.0, scale=1.0), data((N, C), 1)
     ours, theirs = step(variables, x, dy, x_eval), flax_step(variables, x, dy, x_eval)
     for what, a, e in zip(("output", "gradients", "batch_stats", "eval output"), ours, theirs,
                           strict=True):
-        assert_tree_close(a, e, TOL, what)
+        assert_close_to_largest(a, e, TOL, what)
 
     far = _far_from_zero()
     expected = _expected_bn_in(far)
@@ -249,7 +243,7 @@ def test_axis_name_under_vmap_and_shard_map_equals_the_full_batch():
 
         (_, (y, stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
             variables["params"], x_in)
-        assert_tree_close((y, grads, stats), full, TOL, name)
+        assert_close_to_largest((y, grads, stats), full, TOL, name)
 
 
 # ------------------------------------------------------------- caches and the original
@@ -282,10 +276,9 @@ def test_never_served_a_trace_made_for_the_original(name):
         before = run(model, items, variables, x)
         after = run(converted, items, variables, x)
         again = run(model, items, variables, x)
-        for key, expected in _expected_bn_in(x).items():
-            np.testing.assert_allclose(after[1]["batch_stats"]["bn_in"][key], expected,
-                                       rtol=1e-5)
-        jax.tree.map(np.testing.assert_array_equal, again, before)
+        chex.assert_trees_all_close(after[1]["batch_stats"]["bn_in"], _expected_bn_in(x),
+                                    rtol=1e-5)
+        chex.assert_trees_all_equal(again, before)
         flax_var = again[1]["batch_stats"]["bn_in"]["var"]
         assert np.max(np.abs(flax_var - _expected_bn_in(x)["var"])) > 0.1  # flax's variance
 
@@ -329,8 +322,7 @@ def test_a_converted_submodule_keeps_the_originals_place_in_the_tree():
                               jax.random.key(0), x)
         _, updates = jax.jit(functools.partial(
             Outer(True).apply, train=True, mutable=["batch_stats"]))(theirs, x)
-    assert jax.tree.map(lambda a: (a.shape, a.dtype), ours) == jax.tree.map(
-        lambda a: (a.shape, a.dtype), theirs)
+    chex.assert_trees_all_equal_shapes_and_dtypes(ours, theirs)
     np.testing.assert_allclose(updates["batch_stats"]["backbone"]["bn_in"]["var"],
                                _expected_bn_in(x)["var"], rtol=1e-5)
 
@@ -393,7 +385,7 @@ def test_the_original_is_unchanged():
     converted = convert_batch_norm(model, momentum=0.5)
     _train_apply(converted, train, variables, x)
     assert converted.module is model and model == CompactNet()
-    assert_tree_close(_train_apply(model, train, variables, x), before, 0.0, "original after")
+    assert_close_to_largest(_train_apply(model, train, variables, x), before, 0.0, "original after")
 
 
 @pytest.mark.parametrize(("module", "overrides", "error", "match"), [
@@ -431,4 +423,4 @@ def test_init_answered_by_a_cached_trace_is_not_mistaken_for_no_batch_norm():
     with standard():
         first = converted.init(jax.random.key(0), x, False)
         second = converted.init(jax.random.key(0), x, False)
-    jax.tree.map(np.testing.assert_array_equal, first, second)
+    chex.assert_trees_all_equal(first, second)

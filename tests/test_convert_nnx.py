@@ -10,6 +10,7 @@ of conftest.py, so both sides of each comparison run under ``standard()``.
 from __future__ import annotations
 
 import _reference as ref
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,19 +108,19 @@ def flat_state(model):
 
 
 def assert_close_to_largest(actual, expected, tol, what):
-    """Within ``tol`` of the largest leaf: the biases before a BatchNorm have gradients (and
-    so values) that are rounding noise (batch norm removes a constant shift), with no scale
-    of their own."""
-    scale = max(float(np.max(np.abs(leaf))) for leaf in jax.tree.leaves(expected))
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-        np.testing.assert_allclose(a, e, rtol=tol, atol=tol * scale, err_msg=what)
+    """Leaf by leaf, the same shapes and dtypes, within ``tol`` of the largest leaf: the
+    biases before a BatchNorm have gradients (and so values) that are rounding noise (batch
+    norm removes a constant shift), with no scale of their own."""
+    largest = max(float(np.max(np.abs(leaf))) for leaf in jax.tree.leaves(expected))
+    chex.assert_trees_all_close(jax.tree.leaves(actual), jax.tree.leaves(expected), rtol=tol,
+                                atol=tol * largest, strict=True, custom_message=what)
 
 
 def assert_same_state(actual, expected):
+    """The same paths and Variable types, and values of the same shapes, dtypes and bits."""
     assert [(p, t) for p, t, _ in actual] == [(p, t) for p, t, _ in expected]
-    for (path, _, a), (_, _, e) in zip(actual, expected, strict=True):
-        assert a.dtype == e.dtype and a.shape == e.shape, path
-        np.testing.assert_array_equal(a, e, err_msg=str(path))
+    chex.assert_trees_all_equal([a for _, _, a in actual], [e for _, _, e in expected],
+                                strict=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,8 +51,7 @@ def digits() -> data.Dataset:
 
 
 def test_digits_split_and_standardized(digits):
-    assert digits.x_train.shape == (1437, 8, 8, 1)
-    assert digits.x_test.shape == (360, 8, 8, 1)
+    chex.assert_shape([digits.x_train, digits.x_test], [(1437, 8, 8, 1), (360, 8, 8, 1)])
     assert digits.x_train.dtype == np.float32 and digits.y_train.dtype == np.int32
     assert abs(float(digits.x_train.mean())) < 1e-4
     assert abs(float(digits.x_train.std()) - 1) < 1e-3
@@ -62,7 +62,7 @@ def test_mnist1d_is_generated_not_downloaded(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # get_dataset would leave a pickle here; make_dataset must not
     state = np.random.get_state()
     ds = data.load("mnist1d:200")
-    assert ds.x_train.shape == (160, 40, 1) and ds.x_test.shape == (40, 40, 1)
+    chex.assert_shape([ds.x_train, ds.x_test], [(160, 40, 1), (40, 40, 1)])
     assert ds.num_classes == 10
     assert os.listdir(tmp_path) == []
     assert np.array_equal(np.random.get_state()[1], state[1])  # global RNG left alone
@@ -80,7 +80,7 @@ def test_idx_reader_plain_and_gzipped(tmp_path):
     assert np.array_equal(data.read_idx(str(tmp_path / "train-images-idx3-ubyte.gz")),
                           images["train"])
     ds = data.load(f"idx:{tmp_path}")
-    assert ds.x_train.shape == (30, 28, 28, 1) and ds.x_test.shape == (10, 28, 28, 1)
+    chex.assert_shape([ds.x_train, ds.x_test], [(30, 28, 28, 1), (10, 28, 28, 1)])
     assert np.array_equal(ds.y_test, labels["t10k"].astype(np.int32))
     # standardization is monotone, so the pixel order survives
     assert np.array_equal(np.argsort(ds.x_train[0].ravel(), kind="stable"),
@@ -107,7 +107,7 @@ def test_models_build_for_every_norm(kind, shape, norm):
     variables = model.init({"params": jax.random.key(0)}, x, train=False)
     logits, _ = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)},
                             mutable=["batch_stats"])
-    assert logits.shape == (4, 10)
+    chex.assert_shape(logits, (4, 10))
     assert ("batch_stats" in variables) == (norm in BATCH_NORMS)
 
 
@@ -135,7 +135,30 @@ def test_loss_decreases_and_bn_state_moves_only_in_training(digits):
     one = jax.tree.map(lambda a: a[0], {"params": state.params, "batch_stats": state.batch_stats})
     _, updates = trainer.eval_model.apply(one, jnp.asarray(digits.x_test[:50]), train=False,
                                           mutable=["batch_stats"])
-    assert jax.tree.all(jax.tree.map(np.array_equal, updates["batch_stats"], one["batch_stats"]))
+    chex.assert_trees_all_equal(updates["batch_stats"], one["batch_stats"])
+
+
+def test_a_run_traces_its_compiled_step_and_evaluation_once(monkeypatch, digits):
+    # The jitted pieces of the loop: ``_chunk_impl`` (a ``scan`` of training steps) and
+    # ``_evaluate_impl``. Three chunks and three evaluations of one shape trace each once: the
+    # state a chunk returns has the types of the one it was given, and the step number is an
+    # argument, not a constant of the program.
+    chex.clear_trace_counter()
+    for name in ("_chunk_impl", "_evaluate_impl"):
+        monkeypatch.setattr(Trainer, name, chex.assert_max_traces(getattr(Trainer, name), n=1))
+    trainers = []
+    init = Trainer.init
+    monkeypatch.setattr(Trainer, "init", lambda self: trainers.append(self) or init(self))
+    result = train_and_evaluate(dataclasses.replace(TINY, steps=60), None, dataset=digits)
+    assert result.steps.tolist() == [20, 40, 60]
+    # A new chunk length or evaluation option is a new program: its trace is the second, one
+    # too many here, which shows that the run's traces were counted.
+    (trainer,) = trainers
+    state = trainer.init()
+    with pytest.raises(AssertionError, match="'_chunk_impl' is traced > 1 times"):
+        trainer.chunk(state, 0, 10)
+    with pytest.raises(AssertionError, match="'_evaluate_impl' is traced > 1 times"):
+        trainer.evaluate(state, probe=True)
 
 
 def test_train_and_evaluate_writes_plain_files_and_is_deterministic(tmp_path, digits):
@@ -179,7 +202,7 @@ def test_a_nan_stops_the_run_and_records_where(digits):
     result = train_and_evaluate(config, None, dataset=digits)
     assert result.diverged_at == [[0, 0], None]  # NaN at step 0, before any logged step
     assert np.isnan(result.metrics["test_accuracy"][:, 0]).all()
-    assert np.isfinite(result.metrics["test_accuracy"][:, 1]).all()
+    chex.assert_tree_all_finite(result.metrics["test_accuracy"][:, 1])
 
 
 def test_all_runs_stopped_ends_the_loop_early(digits):
@@ -195,8 +218,8 @@ def test_sharded_synchronized_bn_equals_one_device_on_the_same_batch(digits):
     s1, l1 = one.chunk(one.init(), 0, 20)
     s8, l8 = eight.chunk(eight.init(), 0, 20)
     np.testing.assert_allclose(l8, l1, rtol=1e-5, atol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-                 (s8.params, s8.batch_stats), (s1.params, s1.batch_stats))
+    chex.assert_trees_all_close((s8.params, s8.batch_stats), (s1.params, s1.batch_stats),
+                                rtol=1e-4, atol=1e-5)
 
 
 def test_config_errors_are_explicit(digits):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,12 +65,12 @@ def test_new_norms_train_and_keep_running_statistics(norm, digits):
     state = trainer.init()
     before = jax.tree.map(np.asarray, state.batch_stats)
     state, losses = trainer.chunk(state, 0, 5)
-    assert np.all(np.isfinite(np.asarray(losses)))
+    chex.assert_tree_all_finite(losses)
     assert bool(np.all(np.asarray(state.alive)))
     moved = jax.tree.map(lambda a, b: not np.allclose(a, np.asarray(b)), before,
                          state.batch_stats)
     assert jax.tree.leaves(moved) and all(jax.tree.leaves(moved))
-    assert np.all(np.isfinite(trainer.evaluate(state)["test_accuracy"]))
+    chex.assert_tree_all_finite(trainer.evaluate(state)["test_accuracy"])
 
 
 def test_recalibrated_stats_pool_the_batches_exactly(digits):

@@ -7,6 +7,7 @@ matrix product, then ``(y - mean) / sqrt(var + eps) * scale + beta``.
 from __future__ import annotations
 
 import _reference as ref
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -67,7 +68,8 @@ def test_fold_dense_with_flax_dense(use_bias, affine):
     if use_bias:
         y64 = y64 + np.asarray(variables["bias"], np.float64)
     np.testing.assert_allclose(folded, numpy_bn(y64, params, state, 1e-5), **TOL)
-    assert kernel.dtype == jnp.float32 and kernel.shape == (5, 6) and bias.shape == (6,)
+    assert kernel.dtype == jnp.float32
+    chex.assert_shape([kernel, bias], [(5, 6), (6,)])
 
 
 def test_fold_dense_torch_layout_and_epsilon():

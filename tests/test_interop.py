@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,9 +84,7 @@ def test_jaxbn_to_torch_round_trip():
     np.testing.assert_allclose(torch_eval(model, x), y, **TOL)
     # and back: the same arrays
     params2, state2 = interop.from_torch(model.state_dict(), prefix="1.")
-    for a, b in zip(jax.tree.leaves((params, state)), jax.tree.leaves((params2, state2)),
-                    strict=True):
-        np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal((params2, state2), (params, state))
     assert jax.tree.map(jax.typeof, state2) == jax.tree.map(jax.typeof, state)
 
 

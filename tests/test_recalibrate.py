@@ -7,6 +7,7 @@ layer saw over all K batches concatenated: what "exact population statistics" me
 from __future__ import annotations
 
 import _reference as ref
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -109,8 +110,7 @@ def test_incremental_api_equals_recalibrate_and_jits(mlp):
 
     expected = jaxbn.recalibrate(fn, data, states)
     result = jaxbn.recalibration_result(acc)
-    for got, want in zip(jax.tree.leaves(result), jax.tree.leaves(expected), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-6)
+    chex.assert_trees_all_close(result, expected, rtol=1e-6)
 
 
 def test_pooled_variance_includes_between_batch_spread():
@@ -262,7 +262,7 @@ def test_linen_cnn_recipe():
             jax.typeof, variables["batch_stats"][bn]
         )
     variables = {**variables, "batch_stats": precise}  # eval with the precise statistics
-    assert np.isfinite(model.apply(variables, data[0], train=False)).all()
+    chex.assert_tree_all_finite(model.apply(variables, data[0], train=False))
 
 
 # ----------------------------------------------------------------------------------------------

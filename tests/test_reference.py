@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import _reference as ref
+import chex
 import numpy as np
 import pytest
 
@@ -111,7 +112,7 @@ def test_per_example_params_scale_and_shift_each_example():
     """A per-example scale and bias act on their own example only; a per-example parameter
     that is the same for every example is the feature-shaped one."""
     x, _, scale, bias, _ = _problem((4, 3, 2), 1, None, per_example=True)
-    assert scale.shape == bias.shape == (4, 3, 1)
+    chex.assert_shape([scale, bias], (4, 3, 1))
     y = ref.batch_norm(x, 1, scale, bias)[0]
     x_hat = ref.batch_norm(x, 1)[0]
     for n in range(4):

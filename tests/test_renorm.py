@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 
 import _reference as ref
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,7 +94,7 @@ def test_r_max_1_d_max_0_is_batch_norm(kwargs):
         jax.grad(lambda x, p: loss(jaxbn.batch_norm, x, p), argnums=(0, 1), has_aux=True)
     )
     ours, theirs = renorm(x, params), plain(x, params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5), ours, theirs)
+    chex.assert_trees_all_close(ours, theirs, atol=2e-5, rtol=1e-5)
 
 
 def test_gradients_match_the_numpy_analytic_formula():
@@ -164,7 +165,7 @@ def test_ramp_inside_scan_with_a_traced_schedule():
         t = i / 3
         y, state = batch_renorm(xs[i], PARAMS, state, training=True, r_max=1 + 2 * t, d_max=5 * t)
         np.testing.assert_allclose(ys[i], y, atol=1e-5, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), final, state)
+    chex.assert_trees_all_close(final, state, rtol=1e-6)
 
 
 def test_eval_is_batch_norm_eval_and_returns_the_state():
@@ -258,7 +259,7 @@ def test_shard_map_outputs_state_and_gradients_equal_the_full_batch():
     y, new = jax.jit(sharded)(placed, params, state)
     y_ref, new_ref = batch_renorm(x, PARAMS, STATE, training=True, r_max=1.5, d_max=1.0)
     np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new, new_ref)
+    chex.assert_trees_all_close(new, new_ref, rtol=1e-5, atol=1e-6)
 
     def loss(fn, x, params, state):
         return jnp.sum(fn(x, params, state)[0] ** 3)
@@ -268,6 +269,4 @@ def test_shard_map_outputs_state_and_gradients_equal_the_full_batch():
     )
     full = functools.partial(batch_renorm, training=True, r_max=1.5, d_max=1.0)
     grads_ref = jax.grad(lambda x, p: loss(full, x, p, STATE), argnums=(0, 1))(x, PARAMS)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4), grads, grads_ref
-    )
+    chex.assert_trees_all_close(grads, grads_ref, atol=1e-4, rtol=1e-4)

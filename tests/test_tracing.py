@@ -1,16 +1,25 @@
 """What tracing a model with jaxbn costs, pinned without a clock: a network's layers of one
-shape and configuration trace batch norm's arithmetic once, not once per layer (the time
-itself is the bench's: ``python -m experiments bench``, compile rows)."""
+shape and configuration trace batch norm's arithmetic once, not once per layer, and a jitted
+call of a drop-in traces once per shape and mode, not once per call (the time itself is the
+bench's: ``python -m experiments bench``, compile rows)."""
 
 from __future__ import annotations
 
+import functools
+
 import _reference as ref
+import chex
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import jaxbn
+import jaxbn.equinox
+import jaxbn.linen
+import jaxbn.nnx
 from jaxbn import _train
 
 
@@ -89,3 +98,69 @@ def test_epsilon_and_momentum_as_numbers_or_arrays_match_the_reference(as_arrays
     np.testing.assert_allclose(dx, expected.dx, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(dparams["scale"], expected.dscale, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(dparams["bias"], expected.dbias, rtol=1e-4, atol=1e-5)
+
+
+
+# --------------------------------------------------------------------------- one trace per shape
+# A jitted call of each drop-in, its function wrapped in ``chex.assert_max_traces``: new values
+# of one shape reuse the trace, whether the call gets the state it returned last (threaded) or a
+# freshly initialized one (a restart), and switching between training (the state updated) and
+# evaluation (the state returned as given) back and forth traces each mode once; a new shape
+# traces once more. A state whose type drifted between calls (a weak type, a dtype, a
+# structure) would retrace on the threaded call, and a Python value that changed per call (a
+# static argument) on every call. Training updates a step count too (``debias``; equinox's
+# cumulative average).
+
+C = 3
+SHAPES = ((8, C), (5, C), (4, C))  # two shapes allowed; the third is one too many
+MODES = (True, True, False, True, False, True)  # training?, in the order of the calls
+
+
+def _linen():
+    model = jaxbn.linen.BatchNorm(momentum=0.9, debias=True)
+    variables = model.init(jax.random.key(0), jnp.zeros(SHAPES[0]), use_running_average=True)
+
+    def step(variables, x, training):
+        y, updates = model.apply(variables, x, use_running_average=not training,
+                                 mutable=["batch_stats"])
+        return y, {**variables, **updates}
+
+    return jax.jit, step, lambda: variables
+
+
+def _nnx():
+    def step(model, x, training):  # the module's statistics are updated in place
+        return model(x, use_running_average=not training), model
+
+    def start():
+        return jaxbn.nnx.BatchNorm(C, momentum=0.9, debias=True, rngs=nnx.Rngs(0))
+
+    return nnx.jit, step, start
+
+
+def _equinox():
+    layer, state = eqx.nn.make_with_state(jaxbn.equinox.BatchNorm)(
+        C, "batch", momentum=None, mode="batch")
+
+    def step(state, x, training):
+        call = functools.partial(layer, inference=not training)
+        return jax.vmap(call, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
+
+    return jax.jit, step, lambda: state
+
+
+@pytest.mark.parametrize("adapter", [_linen, _nnx, _equinox], ids=["linen", "nnx", "equinox"])
+def test_a_drop_in_traces_once_per_shape_and_mode(adapter):
+    chex.clear_trace_counter()
+    jit, step, start = adapter()  # jit: jax.jit, or nnx.jit for a module argument
+    traced = jit(chex.assert_max_traces(step, n=4), static_argnames="training")
+    data = np.random.default_rng(0)
+    for shape in SHAPES[:2]:
+        state = start()
+        for training in MODES:  # new values; the state the last call returned
+            y, state = traced(state, jnp.asarray(data.normal(size=shape), jnp.float32),
+                              training=training)
+            chex.assert_shape(y, shape)
+        traced(start(), jnp.asarray(data.normal(size=shape), jnp.float32), training=True)
+    with pytest.raises(AssertionError, match="traced > 4 times"):
+        traced(start(), jnp.zeros(SHAPES[2]), training=True)

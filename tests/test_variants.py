@@ -9,6 +9,7 @@ fully masked / empty batch.
 from __future__ import annotations
 
 import _reference as ref
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -65,7 +66,7 @@ def test_ghost_batches_with_mask_use_per_group_masked_statistics():
     )
     y_ref, mean_ref, var_ref = ref.ghost_batch_norm(x, 4, -1, mask)
     np.testing.assert_allclose(np.asarray(y), y_ref, atol=2e-5, rtol=1e-5)
-    assert np.all(np.isfinite(np.asarray(y)))
+    chex.assert_tree_all_finite(y)
     assert_state(new, ref.ema(0.0, mean_ref, 0.5), ref.ema(1.0, var_ref, 0.5), 1)
 
 
@@ -86,7 +87,7 @@ def test_ghost_batches_gradients_equal_per_group_batch_norm():
 
     ours = jax.jit(jax.grad(ghost, argnums=(0, 1)))(x, params)
     theirs = jax.jit(jax.grad(per_group, argnums=(0, 1)))(x, params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), ours, theirs)
+    chex.assert_trees_all_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
 def test_one_ghost_batch_is_batch_norm_and_eval_ignores_it():
@@ -94,7 +95,7 @@ def test_one_ghost_batch_is_batch_norm_and_eval_ignores_it():
     params, state = jaxbn.init(3)
     one = batch_norm(x, params, state, training=True, virtual_batch_size=8)
     plain = batch_norm(x, params, state, training=True)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), one, plain)
+    chex.assert_trees_all_close(one, plain, atol=1e-6, rtol=1e-7)
     y_eval, same = jaxbn.batch_norm(x, params, state, training=False, virtual_batch_size=3)
     assert same is state
     np.testing.assert_allclose(y_eval, batch_norm(x, params, state, training=False)[0])
@@ -163,7 +164,7 @@ def test_debiased_ema_skips_rejected_batches_without_advancing_k():
     state = batch_norm(x0, None, state, training=True, momentum=0.9, debias=True)[1]
     bad = x1.at[0, 0].set(jnp.nan)
     skipped = batch_norm(bad, None, state, training=True, momentum=0.9, debias=True)[1]
-    jax.tree.map(np.testing.assert_array_equal, skipped, state)
+    chex.assert_trees_all_equal(skipped, state)
     state = batch_norm(x1, None, skipped, training=True, momentum=0.9, debias=True)[1]
     w = 0.1 / (1 - 0.9**2)
     m0, v0, _ = ref.moments(x0, -1)
@@ -179,7 +180,7 @@ def test_debias_has_no_effect_on_the_cumulative_average():
         x = data((8, 2), seed=step)
         plain = batch_norm(x, None, plain, training=True, momentum=None)[1]
         debiased = batch_norm(x, None, debiased, training=True, momentum=None, debias=True)[1]
-    jax.tree.map(np.testing.assert_array_equal, plain, debiased)
+    chex.assert_trees_all_equal(plain, debiased)
 
 
 @pytest.mark.parametrize("name", ["debias", "unbiased_running_var"])
@@ -259,7 +260,7 @@ def test_frozen_mode_is_eval_gradients_flow_and_state_is_kept():
         return jnp.sum(y * dy), new
 
     (dx, dparams), new = jax.grad(loss, argnums=(0, 1), has_aux=True)(x, params)
-    jax.tree.map(np.testing.assert_array_equal, new, state)
+    chex.assert_trees_all_equal(new, state)
     dx_ref, dscale_ref, dbias_ref = ref.eval_grads(x, dy, state.mean, state.var,
                                                    scale=params["scale"])
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-5)
@@ -300,10 +301,10 @@ def test_fully_masked_or_empty_batch_is_finite_and_keeps_the_state(call, case):
         x, kwargs = data((4, 3)), {"mask": jnp.zeros((4, 1), bool)}
     y, new = CALLS[call](x, params, state, **kwargs)
     assert y.shape == x.shape
-    assert np.all(np.isfinite(np.asarray(y)))
-    jax.tree.map(np.testing.assert_array_equal, new, state)
+    chex.assert_tree_all_finite(y)
+    chex.assert_trees_all_equal(new, state)
     grad = jax.grad(lambda x: jnp.sum(CALLS[call](x, params, state, **kwargs)[0]))(x)
-    assert np.all(np.isfinite(np.asarray(grad)))
+    chex.assert_tree_all_finite(grad)
 
 
 def test_flax_gives_nan_on_a_fully_masked_batch_for_the_record():
@@ -315,7 +316,8 @@ def test_flax_gives_nan_on_a_fully_masked_batch_for_the_record():
         np.isnan(np.asarray(updates["batch_stats"]["mean"]))
     )
     y_ours, state = jaxbn.batch_norm(x, None, jaxbn.init(3)[1], training=True, mask=mask)
-    assert np.all(np.isfinite(np.asarray(y_ours))) and int(state.count) == 0
+    chex.assert_tree_all_finite(y_ours)
+    assert int(state.count) == 0
 
 
 # ----------------------------------------------------------------------------------------------
