@@ -71,34 +71,38 @@ def make_mask(kind, shape):
     return jnp.asarray(mask)
 
 
-def assert_tree_close(actual: Any, expected: Any, tol: float, what: str) -> None:
-    """Every leaf of ``actual`` within ``rtol=tol`` of ``expected``'s, and within ``tol`` times
-    the largest entry of that expected leaf (a leaf's near-zero entries have no relative
-    scale of their own); the same tree structure and shapes."""
-    actual_leaves, actual_def = jax.tree.flatten(actual)
-    expected_leaves, expected_def = jax.tree.flatten(expected)
-    assert actual_def == expected_def, (what, actual_def, expected_def)
-    for index, (a, e) in enumerate(zip(actual_leaves, expected_leaves, strict=True)):
-        a = np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
-        e = np.asarray(e, np.float64)
-        assert a.shape == e.shape, (what, index, a.shape, e.shape)
-        scale = np.max(np.abs(e), initial=0.0)
-        np.testing.assert_allclose(a, e, rtol=tol, atol=tol * scale,
-                                   err_msg=f"{what}, leaf {index}")
-
-
-def assert_grads_close(actual: Any, expected: Any, tol: float = GRAD_TOL, what: str = "") -> None:
+def assert_tree_close(actual: Any, expected: Any, tol: float, what: str = "") -> None:
     """The same tree structure and shapes, and leaf by leaf: within ``rtol=tol``, and within
-    ``tol`` times the largest entry of the expected leaf (a derivative's near-zero entries
-    have no relative scale of their own)."""
+    ``tol`` times the largest entry of that expected leaf (a leaf's near-zero entries, such
+    as a derivative's, have no relative scale of their own). ``actual`` is compared in
+    float32 or wider, so a bfloat16 result meets a float64 truth."""
     chex.assert_trees_all_equal_structs(actual, expected)
     for index, (a, e) in enumerate(zip(jax.tree.leaves(actual), jax.tree.leaves(expected),
                                        strict=True)):
-        e = np.asarray(e)
-        chex.assert_trees_all_close(
-            jnp.asarray(a).astype(jnp.float32), e, rtol=tol,
-            atol=tol * np.max(np.abs(e), initial=0.0), custom_message=f"{what}, leaf {index}",
-        )
+        a, e = jnp.asarray(a), np.asarray(e)
+        a = np.asarray(a.astype(jnp.float32) if a.dtype.itemsize < 4 else a)
+        chex.assert_equal_shape((a, e), custom_message=f"{what}, leaf {index}")
+        chex.assert_trees_all_close(a, e, rtol=tol, atol=tol * np.max(np.abs(e), initial=0.0),
+                                    custom_message=f"{what}, leaf {index}")
+
+
+def assert_grads_close(actual: Any, expected: Any, tol: float = GRAD_TOL, what: str = "") -> None:
+    """:func:`assert_tree_close` at the gradients' tolerance."""
+    assert_tree_close(actual, expected, tol, what)
+
+
+def assert_close_to_largest(actual: Any, expected: Any, tol: float, what: str,
+                            *, same_classes: bool = True) -> None:
+    """The same shapes and dtypes, every leaf within ``rtol=tol`` and within ``tol`` times
+    the largest entry of the whole expected tree (a gradient that is zero in exact
+    arithmetic, such as a bias's before a norm, is rounding noise on both sides, with no
+    scale of its own). With ``same_classes=False`` the two trees' leaves are compared in
+    order (two models whose BatchNorms are different classes holding the same arrays)."""
+    largest = max(float(np.max(np.abs(leaf))) for leaf in jax.tree.leaves(expected))
+    if not same_classes:
+        actual, expected = jax.tree.leaves(actual), jax.tree.leaves(expected)
+    chex.assert_trees_all_close(actual, expected, rtol=tol, atol=tol * largest, strict=True,
+                                custom_message=what)
 
 
 # ------------------------------------------------------------------ synchronized training

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _parity import batches, standard
+from _parity import assert_close_to_largest, batches, standard
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -123,15 +123,6 @@ ZOO = {
     "scan_remat_vmap": (TransformsNet(), {"train": True}, {"train": False}),
     "jit_mutable_unhashable": (JitNet([4]), {}, {}),
 }
-
-
-def assert_close_to_largest(actual, expected, tol, what):
-    """The same tree, shapes and dtypes, every leaf within ``tol`` times the largest entry of
-    the whole expected tree (a gradient that is zero in exact arithmetic, such as a bias
-    before a norm's, is rounding noise on both sides)."""
-    largest = max(float(np.max(np.abs(leaf))) for leaf in jax.tree.leaves(expected))
-    chex.assert_trees_all_close(actual, expected, rtol=tol, atol=tol * largest, strict=True,
-                                custom_message=what)
 
 
 def _init(model, x, eval_kw):
