@@ -6,11 +6,10 @@ Subprocesses get their own count: tests/multihost_worker.py sets 2, ``python -m 
 --devices N`` sets N.
 
 The process that starts the run (pytest's, or xdist's controller) makes a temporary directory
-for JAX's persistent compilation cache and sets ``XLA_FLAGS``; its environment gives both
-to the xdist workers and to every subprocess a test starts, before any of them imports jax: a
-program that one process compiled is read back by the others (and by the same process, when a
-test builds an identical one again), whatever its size or compile time. The directory is
-removed when the run ends.
+for JAX's persistent compilation cache, and its environment gives it to the xdist workers and
+to every subprocess a test starts, before any of them imports jax: a program that one process
+compiled is read back by the others (and by the same process, when a test builds an identical
+one again), whatever its size or compile time. The directory is removed when the run ends.
 """
 
 import os
@@ -24,15 +23,6 @@ os.environ.update({} if "PYTEST_XDIST_WORKER" in os.environ else {  # workers in
     "JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="jaxbn-tests-xla-"),
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    # Faster XLA:CPU code generation for the test programs, tiny and run once or a few times:
-    # LLVM without its expensive passes. It acts after XLA's HLO passes, so the optimized HLO
-    # that the pass and collective counts read (tests/test_bench.py, test_branch_free.py) is
-    # the same as with the defaults; no test times generated code against a bound. LLVM at
-    # -O0 (--xla_backend_optimization_level=0) would save more, but changes rounding: linen's
-    # and nnx's outputs then differ by an ulp in test_nnx_linen_spectralnorm_equivalence,
-    # which asserts them equal. An XLA_FLAGS already set is kept, after this one.
-    "XLA_FLAGS": " ".join(["--xla_llvm_disable_expensive_passes=true",
-                           os.environ.get("XLA_FLAGS", "")]).strip(),
 })
 
 import jax
