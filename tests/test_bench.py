@@ -1,5 +1,6 @@
 """The benchmark's exact counters, and the benchmark itself at toy size (no timing asserts)."""
 
+import contextlib
 import functools
 import json
 import re
@@ -325,7 +326,13 @@ def test_the_benchmark_runs_at_toy_size(tmp_path, capsys, monkeypatch):
     # In this process (the workers' own process start is tested above), under the default
     # promotion rules a fresh process would have (flax and the proxy rely on them).
     monkeypatch.setattr(command, "run_in_fresh_process", run_in_this_process)
-    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+    # The compile-time task turns the persistent compilation cache off in its process;
+    # here that is this worker's, which gets it back for the tests that follow.
+    cache = jax.config.jax_enable_compilation_cache
+    with contextlib.ExitStack() as restore:
+        restore.callback(jax.config.update, "jax_enable_compilation_cache", cache)
+        restore.enter_context(jax.numpy_dtype_promotion("standard"))
+        restore.enter_context(jax.numpy_rank_promotion("allow"))
         results = bench.run_bench(
             out=tmp_path,
             shapes=TOY_SHAPES,

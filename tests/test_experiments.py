@@ -173,6 +173,7 @@ def test_train_and_evaluate_writes_plain_files_and_is_deterministic(tmp_path, di
     assert result.final("test_accuracy").min() > 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [1, 2])
 def test_resume_gives_the_same_final_numbers(devices, tmp_path, digits):
     """With 2 devices the checkpoint is restored onto the mesh (issue 16: it sat on device 0
@@ -274,6 +275,7 @@ def full_convergence(tmp_path_factory) -> tuple[Path, str]:
     return out, printed.getvalue()
 
 
+@pytest.mark.slow
 def test_cli_run_writes_report_png_and_results(full_convergence):
     """The issue's example: options before the command reach the run (full mode, 2 seeds)."""
     out, printed = full_convergence
@@ -317,6 +319,7 @@ def _without_times(value):
     return value
 
 
+@pytest.mark.slow
 def test_an_interrupted_full_run_resumed_gives_the_same_results(full_convergence, tmp_path,
                                                                 monkeypatch):
     """Issue 11: a full run interrupted in its second group of runs (at step 27, after the
@@ -370,6 +373,7 @@ def test_tensorboard_event_files_when_tensorboardx_is_installed(tmp_path, digits
         assert any(f.startswith("events.out.tfevents") for f in files)
 
 
+@pytest.mark.slow
 def test_overhead_times_no_norm_jaxbn_and_flax_in_one_run(tmp_path, monkeypatch):
     monkeypatch.setattr(overhead, "CHUNK", 2)
     monkeypatch.setattr(overhead, "MODELS", {"mlp": "MLP"})

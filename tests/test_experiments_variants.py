@@ -104,6 +104,7 @@ def test_recalibration_needs_running_statistics(digits):
         Trainer(dataclasses.replace(TINY, norm="layer", recalibration_batches=2), digits)
 
 
+@pytest.mark.slow
 def test_recalibration_claim_writes_a_verdict(tmp_path, monkeypatch):
     arms = {k: recalibration.ARMS[k] for k in (recalibration.PRIMARY, "batch4-momentum0.9")}
     monkeypatch.setattr(recalibration, "ARMS", arms)
