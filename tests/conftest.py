@@ -10,12 +10,15 @@ for JAX's persistent compilation cache, and its environment gives it to the xdis
 to every subprocess a test starts, before any of them imports jax: a program that one process
 compiled is read back by the others (and by the same process, when a test builds an identical
 one again), whatever its size or compile time. The directory is removed when the run ends.
+
+The same environment sets ``XLA_FLAGS`` for fast XLA:CPU code generation (tests/_codegen.py).
 """
 
 import os
 import shutil
 import tempfile
 
+import _codegen
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -23,6 +26,7 @@ os.environ.update({} if "PYTEST_XDIST_WORKER" in os.environ else {  # workers in
     "JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="jaxbn-tests-xla-"),
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    "XLA_FLAGS": _codegen.xla_flags(os.environ.get("XLA_FLAGS", "")),
 })
 
 import jax
@@ -59,7 +63,7 @@ SHARED_FIXTURES = {
 # The files whose tests take minutes between them (subprocess runs, the toy bench), first:
 # xdist hands out work in collection order, so a long group started last would leave one
 # worker running it alone at the end.
-LONG_FIRST = ("test_resume.py", "test_bench.py", "test_experiments.py",
+LONG_FIRST = ("test_resume.py", "test_default_codegen.py", "test_bench.py", "test_experiments.py",
               "test_experiments_variants.py", "test_multihost.py", "test_packaging.py")
 
 
@@ -67,6 +71,13 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: LONG_FIRST.index(item.path.name)  # stable: the rest in order
                if item.path.name in LONG_FIRST else len(LONG_FIRST))
     for item in items:
+        if item.get_closest_marker("default_codegen") is not None:
+            where = f"tests/{item.path.name}"
+            assert where in _codegen.FILES, f"add {where} to tests/_codegen.py's FILES"
+            if not _codegen.DEFAULT:
+                item.add_marker(pytest.mark.skip(
+                    reason="bitwise across programs: run at XLA's default code generation by "
+                    "tests/test_default_codegen.py"))
         shared = [name for name in SHARED_FIXTURES.get(item.path.name, ())
                   if name in item.fixturenames]
         if shared:

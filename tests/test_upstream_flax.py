@@ -294,6 +294,7 @@ def _run_spectral(linen_bn, nnx_bn, *args):
     return linen_out, linen_updates["batch_stats"]["norm_layer"], nnx_out, nnx_stats
 
 
+@pytest.mark.default_codegen
 @pytest.mark.parametrize(
     ("dtype", "param_dtype", "n_steps", "update_stats"),
     list(itertools.product([jnp.float32, jnp.float16], [jnp.float32, jnp.float16], [1, 10],
