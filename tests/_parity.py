@@ -40,6 +40,18 @@ GRAD_TOL = 1e-4
 BF16_GRAD_TOL = 2e-2
 
 
+# jaxbn's own constructor arguments of the flax drop-ins (linen fields, nnx keywords), after
+# flax's, keyword-only, with defaults that give plain batch norm.
+EXTRA_ARGS = {
+    "virtual_batch_size": None,
+    "debias": False,
+    "unbiased_running_var": False,
+    "use_renorm": False,
+    "r_max": 3.0,
+    "d_max": 5.0,
+}
+
+
 def standard():
     """Flax does not run under strict dtype promotion: both sides of a parity test use this."""
     return jax.numpy_dtype_promotion("standard")

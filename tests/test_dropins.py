@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
-from _parity import BF16_EVAL_TOL, BF16_TOL, TOL, batches, make_mask, standard
+from _parity import BF16_EVAL_TOL, BF16_TOL, EXTRA_ARGS, TOL, batches, make_mask, standard
 from flax import nnx
 
 import jaxbn.equinox
@@ -39,17 +39,6 @@ SHAPE_FOR_AXIS = {-1: ROW_SHAPE, 1: NCHW_SHAPE, (1, 2): NCHW_SHAPE}
 STEPS = 3
 
 data = batches(1234)
-
-# jaxbn's own constructor arguments of the flax drop-ins, after flax's, keyword-only, with
-# defaults that give plain batch norm.
-EXTRA_ARGS = {
-    "virtual_batch_size": None,
-    "debias": False,
-    "unbiased_running_var": False,
-    "use_renorm": False,
-    "r_max": 3.0,
-    "d_max": 5.0,
-}
 
 
 class Linen:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _parity import TOL, batches, make_mask, standard
+from _parity import EXTRA_ARGS, TOL, batches, make_mask, standard
 
 import jaxbn.linen
 
@@ -37,22 +37,11 @@ data = batches(1234)
 # ---------------------------------------------------------------- interface
 
 
-# jaxbn's own fields, appended after flax's, with defaults that give plain batch norm.
-EXTRA_FIELDS = {
-    "virtual_batch_size": None,
-    "debias": False,
-    "unbiased_running_var": False,
-    "use_renorm": False,
-    "r_max": 3.0,
-    "d_max": 5.0,
-}
-
-
 def test_dataclass_fields_are_flax_s_then_ours_with_the_same_defaults():
     """flax's fields, in flax's order, with flax's defaults, then ours (keyword-only). The
     constructor's signature is tests/test_dropins.py's."""
     flax_fields = dataclasses.fields(FlaxBN)
-    jaxbn_fields = [f for f in dataclasses.fields(JaxbnBN) if f.name not in EXTRA_FIELDS]
+    jaxbn_fields = [f for f in dataclasses.fields(JaxbnBN) if f.name not in EXTRA_ARGS]
     assert [f.name for f in jaxbn_fields] == [f.name for f in flax_fields]
     for ours, theirs in zip(jaxbn_fields, flax_fields, strict=True):
         assert (ours.init, ours.kw_only) == (theirs.init, theirs.kw_only), ours.name
@@ -67,11 +56,11 @@ def test_dataclass_fields_are_flax_s_then_ours_with_the_same_defaults():
                                             theirs.default(key, shape, dtype), strict=True)
         else:
             assert ours.default == theirs.default, ours.name
-    extra_fields = [f for f in dataclasses.fields(JaxbnBN) if f.name in EXTRA_FIELDS]
-    assert [f.name for f in extra_fields] == list(EXTRA_FIELDS)
+    extra_fields = [f for f in dataclasses.fields(JaxbnBN) if f.name in EXTRA_ARGS]
+    assert [f.name for f in extra_fields] == list(EXTRA_ARGS)
     for field in extra_fields:
         assert field.init and field.kw_only, field.name
-        assert field.default == EXTRA_FIELDS[field.name], field.name
+        assert field.default == EXTRA_ARGS[field.name], field.name
     # The first positional field is use_running_average, as in flax.
     assert JaxbnBN(True).use_running_average is True
 
