@@ -67,6 +67,7 @@ LONG_FIRST = ("test_resume.py", "test_default_codegen.py", "test_bench.py", "tes
               "test_experiments_variants.py", "test_multihost.py", "test_packaging.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads xdist_group into the node ids
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: LONG_FIRST.index(item.path.name)  # stable: the rest in order
                if item.path.name in LONG_FIRST else len(LONG_FIRST))

@@ -76,6 +76,16 @@ def mlp():
     return weights, states, batches(5)
 
 
+def test_a_shared_fixture_groups_its_tests_on_one_xdist_worker(mlp, request):
+    """tests/conftest.py marks the tests of a slow module-scoped fixture (SHARED_FIXTURES)
+    with an ``xdist_group``; under ``--dist loadgroup`` xdist reads it into the node id, so
+    only when conftest's hook runs before xdist's (it did not: every such fixture was built
+    on both workers)."""
+    if not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("not under xdist's --dist loadgroup")
+    assert request.node.nodeid.endswith("@test_recalibrate.py::mlp"), request.node.nodeid
+
+
 def test_pure_function_matches_population_statistics(mlp):
     weights, states, data = mlp
 
