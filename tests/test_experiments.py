@@ -58,6 +58,26 @@ def test_digits_split_and_standardized(digits):
     assert set(np.unique(digits.y_test)) == set(range(10))
 
 
+def test_digits_read_from_the_file_are_scikit_learn_s_and_need_no_import_of_it(monkeypatch):
+    """The digits come from the file scikit-learn ships, without importing it (seconds in
+    every process of a run); they are load_digits' images and labels, and where the file is
+    not found scikit-learn's loader gives the same dataset."""
+    from sklearn.datasets import load_digits
+
+    monkeypatch.delitem(sys.modules, "sklearn")  # importing it again would put it back
+    path = data._digits_file()
+    assert path is not None and "sklearn" not in sys.modules
+    table = np.loadtxt(path, delimiter=",")
+    bunch = load_digits()
+    np.testing.assert_array_equal(table[:, :-1].reshape(-1, 8, 8), bunch.images)
+    np.testing.assert_array_equal(table[:, -1].astype(int), bunch.target)
+    from_file = data._digits()
+    monkeypatch.setattr(data, "_digits_file", lambda: None)
+    from_sklearn = data._digits()
+    for field in ("x_train", "y_train", "x_test", "y_test"):
+        np.testing.assert_array_equal(getattr(from_file, field), getattr(from_sklearn, field))
+
+
 def test_mnist1d_is_generated_not_downloaded(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # get_dataset would leave a pickle here; make_dataset must not
     state = np.random.get_state()
