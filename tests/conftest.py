@@ -1,9 +1,7 @@
 """Test configuration: 8 host CPU devices, strict JAX semantics, one compilation cache per run.
 
-``jax_num_cpu_devices`` takes effect when the CPU backend starts; it is started here (in
-``pytest_configure``, before the tests are collected), so no test can change the count
-afterwards (the command line's ``--devices`` then only checks it). Under xdist only the
-workers start it: the controller runs no test.
+``jax_num_cpu_devices`` takes effect when the CPU backend starts; it is started here, so no
+test can change the count afterwards (the command line's ``--devices`` then only checks it).
 Subprocesses get their own count: tests/multihost_worker.py sets 2, ``python -m experiments
 --devices N`` sets N.
 
@@ -31,29 +29,18 @@ os.environ.update({} if "PYTEST_XDIST_WORKER" in os.environ else {  # workers in
     "XLA_FLAGS": _codegen.xla_flags(os.environ.get("XLA_FLAGS", "")),
 })
 
+import jax
+
 _CACHE_OWNER = "PYTEST_XDIST_WORKER" not in os.environ  # the process that removes it
 
-
-def _start_jax() -> None:
-    import jax
-
-    # The same here, in case jax was imported before this file (it reads the environment
-    # then).
-    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    jax.config.update("jax_num_cpu_devices", 8)
-    assert jax.device_count() == 8, jax.devices()
-    jax.config.update("jax_numpy_rank_promotion", "raise")
-    jax.config.update("jax_numpy_dtype_promotion", "strict")
-
-
-def pytest_configure(config):
-    # xdist's controller runs no test: jax starts in the processes that do (before they
-    # collect), and the workers start 2 s sooner.
-    if not _CACHE_OWNER or not getattr(config.option, "numprocesses", None):
-        _start_jax()
-
+# The same here, in case jax was imported before this file (it reads the environment then).
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+jax.config.update("jax_num_cpu_devices", 8)
+assert jax.device_count() == 8, jax.devices()
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 # A script run in subprocesses by test_multihost.py, not a test module.
 collect_ignore = ["multihost_worker.py"]
